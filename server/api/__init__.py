@@ -1,0 +1,1 @@
+"""gRPC servicers: validate, translate proto <-> domain types, map errors to status codes."""

@@ -1,0 +1,86 @@
+"""Compose the server: registry of warm models, servicers, health, reflection, shutdown.
+
+Health reports SERVING only once every configured model is loaded and warm,
+and NOT_SERVING as soon as a shutdown starts, so load balancers drain us first.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from openemploi.v1 import embedding_pb2
+
+from .api.embedding import EmbeddingServicer, add_to_server
+from .config import ServerConfig
+from .modelrepo.registry import ModelRegistry
+from .modelrepo.repository import ModelRepository
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    registry: ModelRegistry
+    health: health.aio.HealthServicer
+    port: int
+    config: ServerConfig
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking new calls, let in-flight ones finish within the grace period, then drain batchers."""
+        grace = self.config.grace_period_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.registry.close(drain=True)
+
+
+async def start_server(config: ServerConfig) -> RunningServer:
+    options = [
+        ("grpc.max_receive_message_length", config.limits.max_message_bytes),
+        ("grpc.max_send_message_length", max(config.limits.max_message_bytes, 64 * 1024 * 1024)),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("",) + SERVICE_NAMES:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    registry = ModelRegistry(ModelRepository(config.model_repository), config.batching, config.backend, config.default_model)
+    add_to_server(EmbeddingServicer(registry, config.limits), server)
+    if config.reflection:
+        reflection.enable_server_reflection(SERVICE_NAMES + (reflection.SERVICE_NAME, health.SERVICE_NAME), server)
+    port = server.add_insecure_port(config.address)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {config.address}")
+    await server.start()
+    try:
+        for name in dict.fromkeys((config.default_model,) + tuple(config.models)):
+            await registry.load(name)
+    except BaseException:
+        await server.stop(0)
+        await registry.close(drain=False)
+        raise
+    for name in ("",) + SERVICE_NAMES:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving on %s:%d (models: %s)", config.host, port, ", ".join(registry.loaded()))
+    return RunningServer(server, registry, health_servicer, port, config)
+
+
+async def serve_forever(config: ServerConfig) -> None:
+    running = await start_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutdown requested: draining for up to %.1fs", config.grace_period_s)
+    await running.stop()
+    log.info("stopped")

@@ -1,0 +1,115 @@
+"""`openemploi` command line: serve, embed (a gRPC client), models build/list."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config
+from .logs import configure_logging
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .app import serve_forever
+
+    overrides = {"host": args.host, "port": args.port, "model_repository": args.model_repository}
+    if args.models:
+        overrides["models"] = args.models.split(",")
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"openemploi: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, config.log_json)
+    asyncio.run(serve_forever(config))
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    import grpc
+
+    from openemploi.v1 import embedding_pb2, embedding_pb2_grpc
+
+    kind = embedding_pb2.QUERY if args.kind == "query" else embedding_pb2.PASSAGE
+    request = embedding_pb2.EmbedRequest(texts=args.texts, model=args.model, kind=kind, truncate=args.truncate)
+    with grpc.insecure_channel(args.address) as channel:
+        stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+        try:
+            response = stub.Embed(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"openemploi: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    for text, embedding, tokens in zip(args.texts, response.embeddings, response.token_counts):
+        values = list(embedding.values)
+        print(json.dumps({"text": text, "tokens": tokens, "dim": len(values), "vector": [round(v, 6) for v in values]}, ensure_ascii=False))
+    print(f"# model {response.model} version {response.model_version}", file=sys.stderr)
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .modelrepo.build import BuildError, BuildOptions, build_model
+    from .modelrepo.repository import ModelNotFound, ModelRepository
+
+    repo = ModelRepository(Path(args.model_repository))
+    if args.models_command == "list":
+        for name in repo.names():
+            versions = repo.versions(name)
+            print(f"{name}: " + (", ".join(v.version for v in versions) if versions else "(not built)"))
+        return 0
+    configure_logging("WARNING", json_lines=False)
+    try:
+        built = build_model(repo, args.name, BuildOptions(force=args.force, fp16=args.fp16, progress=not args.no_progress))
+    except (BuildError, ModelNotFound) as exc:
+        print(f"openemploi: build failed: {exc}", file=sys.stderr)
+        return 1
+    metrics = built.manifest["fidelity"]["metrics"]
+    summary = {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}
+    print(f"{built.name} version {built.version} ready in {built.folder}")
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="openemploi", description="French embedding and job matching service")
+    sub = root.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gRPC server")
+    serve.add_argument("--config", type=Path, default=None, help="TOML config file")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--model-repository", default=None)
+    serve.add_argument("--models", default=None, help="comma-separated models to load at start")
+    serve.set_defaults(func=_serve)
+
+    embed = sub.add_parser("embed", help="embed texts through a running server")
+    embed.add_argument("texts", nargs="+")
+    embed.add_argument("--address", default="127.0.0.1:50051")
+    embed.add_argument("--kind", choices=["query", "passage"], default="passage")
+    embed.add_argument("--model", default="")
+    embed.add_argument("--truncate", action="store_true")
+    embed.add_argument("--timeout", type=float, default=30.0)
+    embed.set_defaults(func=_embed)
+
+    models = sub.add_parser("models", help="build and list models of the repository")
+    models.add_argument("--model-repository", default="models")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    build = msub.add_parser("build", help="export, quantise and gate-check a model")
+    build.add_argument("name")
+    build.add_argument("--force", action="store_true", help="rebuild even if this version exists")
+    build.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None, help="build the fp16 graph (default: only with CUDA)")
+    build.add_argument("--no-progress", action="store_true")
+    msub.add_parser("list", help="list models and built versions")
+    models.set_defaults(func=_models)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""Server configuration: defaults < TOML file < OPENEMPLOI_* environment < CLI flags.
+
+Built once at start into frozen dataclasses; nothing reads the environment later.
+Environment keys are the field names upper-cased, with the section as a prefix
+for nested tables: OPENEMPLOI_PORT, OPENEMPLOI_BATCHING_MAX_BATCH_SIZE,
+OPENEMPLOI_BACKEND_INTRA_OP_THREADS.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backends.onnx import OnnxBackendConfig
+from .batching import BatcherConfig
+
+ENV_PREFIX = "OPENEMPLOI_"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_texts_per_request: int = 1024
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_text_chars: int = 200_000
+    stream_window: int = 8  # requests of one EmbedStream processed concurrently
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    model_repository: Path = Path("models")
+    default_model: str = "multilingual-e5-small"
+    models: tuple[str, ...] = ("multilingual-e5-small",)
+    grace_period_s: float = 10.0
+    log_level: str = "INFO"
+    log_json: bool = True
+    reflection: bool = True
+    batching: BatcherConfig = field(default_factory=BatcherConfig)
+    backend: OnnxBackendConfig = field(default_factory=OnnxBackendConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _coerce(value: object, annotation: object, key: str) -> object:
+    origin = typing.get_origin(annotation)
+    try:
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(value)
+        if annotation is int:
+            return int(value)
+        if annotation is float:
+            return float(value)
+        if annotation is Path:
+            return Path(str(value))
+        if annotation is str:
+            return str(value)
+        if origin is tuple:
+            items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
+            return tuple(str(v).strip() for v in items)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config {key}: cannot read {value!r} as {annotation}") from exc
+    return value
+
+
+def _build(cls: type, values: Mapping[str, object], env: Mapping[str, str], env_prefix: str, where: str) -> object:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+    kwargs: dict[str, object] = {}
+    for f in dataclasses.fields(cls):
+        annotation = hints[f.name]
+        if dataclasses.is_dataclass(annotation):
+            section = values.get(f.name, {})
+            if not isinstance(section, Mapping):
+                raise ConfigError(f"{where}.{f.name} must be a table")
+            kwargs[f.name] = _build(annotation, section, env, f"{env_prefix}{f.name.upper()}_", f"{where}.{f.name}")
+            continue
+        env_key = f"{env_prefix}{f.name.upper()}"
+        if env_key in env:
+            kwargs[f.name] = _coerce(env[env_key], annotation, env_key)
+        elif f.name in values:
+            kwargs[f.name] = _coerce(values[f.name], annotation, f"{where}.{f.name}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def load_config(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> ServerConfig:
+    """Merge a TOML file, OPENEMPLOI_* variables and CLI overrides (dotted keys allowed)."""
+    values: dict[str, object] = {}
+    if path is not None:
+        try:
+            values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} not found") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        table = values
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            table = table.setdefault(parent, {})  # type: ignore[assignment]
+        table[leaf] = value
+    # CLI flags beat the environment: drop env keys the CLI set.
+    environment = dict(os.environ if env is None else env)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            environment.pop(ENV_PREFIX + key.replace(".", "_").upper(), None)
+    config = _build(ServerConfig, values, environment, ENV_PREFIX, "config")
+    assert isinstance(config, ServerConfig)
+    return config

@@ -1,0 +1,131 @@
+"""Loaded model versions: tokenizer + backend + batcher, warmed up, looked up by name.
+
+This is where a built version becomes servable. The API asks the registry for
+a model by name (and optionally version) and never touches files or TOML.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backends.base import Encoder
+from ..backends.onnx import OnnxBackendConfig, OnnxEncoder
+from ..batching import BatcherConfig, BatchStats, DynamicBatcher
+from ..tokenize import TextKind, TextTokenizer, TokenizerConfig
+from .repository import ModelNotFound, ModelRepository, ModelVersion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    version: ModelVersion
+    tokenizer: TextTokenizer
+    encoder: Encoder
+    batcher: DynamicBatcher
+
+    @property
+    def name(self) -> str:
+        return self.version.name
+
+    @property
+    def dim(self) -> int:
+        return self.version.dim
+
+
+def warm_up(model: LoadedModel) -> None:
+    """Run the shapes the server will see first so the first request is not slow."""
+    tokenizer = model.tokenizer
+    for texts in (["Bonjour"], ["Conducteur / Conductrice de travaux " * 200] * 2):
+        tokens = tokenizer.encode(texts, TextKind.PASSAGE, truncate=True)
+        width = max(len(t.ids) for t in tokens)
+        ids = np.full((len(tokens), width), tokenizer.pad_id, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, t in enumerate(tokens):
+            ids[row, : len(t.ids)] = t.ids
+            mask[row, : len(t.ids)] = 1
+        vectors, _ = model.encoder.encode(ids, mask)
+        if vectors.shape != (len(texts), model.dim) or not np.all(np.isfinite(vectors)):
+            raise RuntimeError(f"model {model.name} warm-up produced {vectors.shape} / non-finite vectors")
+
+
+class ModelRegistry:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        batching: BatcherConfig,
+        backend: OnnxBackendConfig,
+        default_model: str,
+        on_batch=None,
+    ) -> None:
+        self.repository = repository
+        self._batching = batching
+        self._backend = backend
+        self.default_model = default_model
+        self._on_batch = on_batch
+        self._current: dict[str, LoadedModel] = {}
+        self._all: dict[tuple[str, str], LoadedModel] = {}
+
+    async def load(self, name: str, version: str = "") -> LoadedModel:
+        built = self.repository.version(name, version) if version else self.repository.latest(name)
+        loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(None, self._open, built)
+        await model.batcher.start()
+        self._all[(name, built.version)] = model
+        self._current[name] = model
+        log.info(
+            "model ready: %s version %s on %s %s (%s)",
+            name, built.version, model.encoder.info.device, model.encoder.info.precision, model.encoder.info.detail,
+        )
+        return model
+
+    def _open(self, built: ModelVersion) -> LoadedModel:
+        tokenizer = TextTokenizer(
+            built.tokenizer_path, TokenizerConfig(built.max_tokens, built.query_prefix, built.passage_prefix)
+        )
+        encoder = OnnxEncoder(built.graphs(), built.dim, self._backend)
+        config = dataclasses.replace(
+            self._batching,
+            pad_token_id=tokenizer.pad_id,
+            max_batch_tokens=max(self._batching.max_batch_tokens, built.max_tokens),
+        )
+        batcher = DynamicBatcher(encoder.encode, config, name=f"{built.name}/{built.version}", on_batch=self._stats(built))
+        model = LoadedModel(built, tokenizer, encoder, batcher)
+        warm_up(model)
+        return model
+
+    def _stats(self, built: ModelVersion):
+        if self._on_batch is None:
+            return None
+        callback = self._on_batch
+
+        def on_batch(stats: BatchStats) -> None:
+            callback(built.name, built.version, stats)
+
+        return on_batch
+
+    def get(self, name: str = "", version: str = "") -> LoadedModel:
+        name = name or self.default_model
+        if version:
+            model = self._all.get((name, version))
+            if model is None:
+                raise ModelNotFound(f"model {name!r} version {version!r} is not loaded (loaded: {self.loaded()})")
+            return model
+        model = self._current.get(name)
+        if model is None:
+            raise ModelNotFound(f"model {name!r} is not loaded (loaded: {sorted(self._current)})")
+        return model
+
+    def loaded(self) -> list[str]:
+        return sorted(f"{n}/{v}" for n, v in self._all)
+
+    async def close(self, drain: bool = True) -> None:
+        for model in list(self._all.values()):
+            await model.batcher.stop(drain=drain)
+            model.encoder.close()
+        self._all.clear()
+        self._current.clear()
