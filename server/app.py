@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -17,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from openemploi.v1 import embedding_pb2
 
 from .api.embedding import EmbeddingServicer, add_to_server
+from .batching import BatchStats
 from .config import ServerConfig
 from .modelrepo.registry import ModelRegistry
 from .modelrepo.repository import ModelRepository
@@ -42,7 +44,11 @@ class RunningServer:
         await self.registry.close(drain=True)
 
 
-async def start_server(config: ServerConfig) -> RunningServer:
+BatchObserver = Callable[[str, str, BatchStats], None]
+
+
+async def start_server(config: ServerConfig, on_batch: BatchObserver | None = None) -> RunningServer:
+    """Start serving; `on_batch(model, version, stats)` sees every batch (metrics, tests)."""
     options = [
         ("grpc.max_receive_message_length", config.limits.max_message_bytes),
         ("grpc.max_send_message_length", max(config.limits.max_message_bytes, 64 * 1024 * 1024)),
@@ -53,7 +59,9 @@ async def start_server(config: ServerConfig) -> RunningServer:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("",) + SERVICE_NAMES:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    registry = ModelRegistry(ModelRepository(config.model_repository), config.batching, config.backend, config.default_model)
+    registry = ModelRegistry(
+        ModelRepository(config.model_repository), config.batching, config.backend, config.default_model, on_batch
+    )
     add_to_server(EmbeddingServicer(registry, config.limits), server)
     if config.reflection:
         reflection.enable_server_reflection(SERVICE_NAMES + (reflection.SERVICE_NAME, health.SERVICE_NAME), server)
