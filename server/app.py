@@ -15,23 +15,34 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from openemploi.v1 import embedding_pb2
+from openemploi.v1 import embedding_pb2, index_pb2, match_pb2
 
+from .api import index as index_api
+from .api import match as match_api
 from .api.embedding import EmbeddingServicer, add_to_server
 from .batching import BatchStats
 from .config import ServerConfig
+from .index.collection import CollectionManager
+from .matching.bootstrap import ensure_rome_collection
+from .matching.catalogue import load_catalogue
+from .matching.matcher import OccupationMatcher
 from .modelrepo.registry import ModelRegistry
 from .modelrepo.repository import ModelRepository
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,)
+SERVICE_NAMES = (
+    embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
+    index_pb2.DESCRIPTOR.services_by_name["IndexService"].full_name,
+    match_pb2.DESCRIPTOR.services_by_name["MatchService"].full_name,
+)
 
 
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
     registry: ModelRegistry
+    collections: CollectionManager
     health: health.aio.HealthServicer
     port: int
     config: ServerConfig
@@ -42,6 +53,7 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.registry.close(drain=True)
+        await asyncio.to_thread(self.collections.close)
 
 
 BatchObserver = Callable[[str, str, BatchStats], None]
@@ -62,7 +74,11 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
     registry = ModelRegistry(
         ModelRepository(config.model_repository), config.batching, config.backend, config.default_model, on_batch
     )
+    collections = await asyncio.to_thread(CollectionManager, config.collections_dir)
     add_to_server(EmbeddingServicer(registry, config.limits), server)
+    index_api.add_to_server(index_api.IndexServicer(collections, registry), server)
+    match_servicer = match_api.MatchServicer(collections, registry, None)
+    match_api.add_to_server(match_servicer, server)
     if config.reflection:
         reflection.enable_server_reflection(SERVICE_NAMES + (reflection.SERVICE_NAME, health.SERVICE_NAME), server)
     port = server.add_insecure_port(config.address)
@@ -72,14 +88,19 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
     try:
         for name in dict.fromkeys((config.default_model,) + tuple(config.models)):
             await registry.load(name)
+        if config.rome_collection:
+            occupations = load_catalogue()
+            rome = await ensure_rome_collection(collections, registry.get(), occupations, progress=config.progress)
+            match_servicer.occupations = OccupationMatcher(rome, occupations)
     except BaseException:
         await server.stop(0)
         await registry.close(drain=False)
+        await asyncio.to_thread(collections.close)
         raise
     for name in ("",) + SERVICE_NAMES:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving on %s:%d (models: %s)", config.host, port, ", ".join(registry.loaded()))
-    return RunningServer(server, registry, health_servicer, port, config)
+    return RunningServer(server, registry, collections, health_servicer, port, config)
 
 
 async def serve_forever(config: ServerConfig) -> None:

@@ -44,6 +44,9 @@ class ServerConfig:
     log_level: str = "INFO"
     log_json: bool = True
     reflection: bool = True
+    collections_dir: Path = Path("var/collections")
+    rome_collection: bool = True  # index the ROME catalogue into collection "rome" at start
+    progress: bool = True  # progress bars for first-start indexing
     batching: BatcherConfig = field(default_factory=BatcherConfig)
     backend: OnnxBackendConfig = field(default_factory=OnnxBackendConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)

@@ -90,20 +90,15 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     async def embed(self, request, deadline: float | None) -> tuple[embedding_pb2.EmbedResponse, Timings]:
         self.validate(request)
         model = self._registry.get(request.model, request.model_version)
-        timings = Timings()
-        started = time.perf_counter()
-        tokens = model.tokenizer.encode(list(request.texts), _KINDS[request.kind], truncate=request.truncate)
-        timings.tokenize_s = time.perf_counter() - started
-        result = await model.batcher.submit([t.ids for t in tokens], deadline=deadline)
-        timings.queue_s, timings.inference_s, timings.batches = result.queue_s, result.inference_s, result.batches
-        normalized, pooled = result.outputs
-        vectors = normalized if (not request.HasField("normalize") or request.normalize) else pooled
+        result = await model.embed(list(request.texts), _KINDS[request.kind], request.truncate, deadline)
+        timings = Timings(result.tokenize_s, result.queue_s, result.inference_s, result.batches)
+        vectors = result.normalized if (not request.HasField("normalize") or request.normalize) else result.pooled
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
-        counts = [len(t.ids) for t in tokens]
+        counts = [len(t.ids) for t in result.tokens]
         response = embedding_pb2.EmbedResponse(
             dim=int(vectors.shape[1]),
             token_counts=counts,
-            truncated=[t.truncated for t in tokens],
+            truncated=[t.truncated for t in result.tokens],
             model=model.name,
             model_version=model.version.version,
             total_tokens=sum(counts),

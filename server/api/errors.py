@@ -4,6 +4,7 @@ from __future__ import annotations
 import grpc
 
 from ..batching import BatcherClosedError, DeadlineExceededError, QueueFullError
+from ..index.collection import CollectionExists, CollectionNotFound, InvalidQuery
 from ..modelrepo.repository import ModelNotBuilt, ModelNotFound
 from ..tokenize import TextTooLongError
 
@@ -20,6 +21,12 @@ class RequestError(Exception):
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, RequestError):
         return exc.code, exc.message
+    if isinstance(exc, CollectionNotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, CollectionExists):
+        return grpc.StatusCode.ALREADY_EXISTS, str(exc)
+    if isinstance(exc, InvalidQuery):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, TextTooLongError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, (ModelNotFound, ModelNotBuilt)):
@@ -33,11 +40,45 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the server logged the details"
 
 
+def failed_precondition(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
+def invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+async def run_rpc(context, rid: str, work, log, name: str):
+    """Run a servicer body; map any failure to its status code with the request id attached."""
+    try:
+        return await work()
+    except Exception as exc:
+        code, message = status_for(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("%s failed", name, extra={"request_id": rid})
+        context.set_trailing_metadata((("x-request-id", rid),))
+        await context.abort(code, message)
+
+
 class Malformed:
     """Stands in for a request whose bytes did not parse (e.g. invalid UTF-8)."""
 
     def __init__(self, error: Exception) -> None:
         self.error = error
+
+
+def register_unary_service(servicer, server: grpc.aio.Server, pb_module, service: str) -> None:
+    """Register every unary method of `service` with deserialisers that never raise."""
+    descriptor = pb_module.DESCRIPTOR.services_by_name[service]
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=safe_deserializer(getattr(pb_module, method.input_type.name)),
+            response_serializer=getattr(pb_module, method.output_type.name).SerializeToString,
+        )
+        for method in descriptor.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
 
 
 def safe_deserializer(message_type):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,10 +16,21 @@ import numpy as np
 from ..backends.base import Encoder
 from ..backends.onnx import OnnxBackendConfig, OnnxEncoder
 from ..batching import BatcherConfig, BatchStats, DynamicBatcher
-from ..tokenize import TextKind, TextTokenizer, TokenizerConfig
+from ..tokenize import TextKind, TextTokenizer, TokenizedText, TokenizerConfig
 from .repository import ModelNotFound, ModelRepository, ModelVersion
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    normalized: np.ndarray  # float32 [n, dim], unit rows
+    pooled: np.ndarray  # float32 [n, dim], before normalisation
+    tokens: list[TokenizedText]
+    tokenize_s: float
+    queue_s: float
+    inference_s: float
+    batches: int
 
 
 @dataclass
@@ -35,6 +47,17 @@ class LoadedModel:
     @property
     def dim(self) -> int:
         return self.version.dim
+
+    async def embed(
+        self, texts: list[str], kind: TextKind, truncate: bool = True, deadline: float | None = None
+    ) -> EmbedResult:
+        """Tokenise in the caller's task (so errors name the text), then queue on the batcher."""
+        started = time.perf_counter()
+        tokens = self.tokenizer.encode(texts, kind, truncate=truncate)
+        tokenize_s = time.perf_counter() - started
+        result = await self.batcher.submit([t.ids for t in tokens], deadline=deadline)
+        normalized, pooled = result.outputs
+        return EmbedResult(normalized, pooled, tokens, tokenize_s, result.queue_s, result.inference_s, result.batches)
 
 
 def warm_up(model: LoadedModel) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -54,6 +55,9 @@ class ServerThread:
 def make_config(**changes) -> ServerConfig:
     base = ServerConfig(
         port=0,
+        rome_collection=False,
+        progress=False,
+        collections_dir=Path(tempfile.mkdtemp(prefix="openemploi-test-")),
         model_repository=REPO_ROOT / "models",
         default_model=DEFAULT_MODEL,
         models=(DEFAULT_MODEL,),

@@ -1,0 +1,303 @@
+"""The durable store of one collection: SQLite in WAL mode with synchronous=FULL.
+
+It is the source of truth. Every change gets a sequence number; a document's
+row keeps the number of the change that made it (`seq`, also its FAISS id) and
+of the change that superseded or deleted it (`dead_at`), so the derived index
+can be replayed from any snapshot sequence. A write returns only after its
+transaction is committed to disk.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .text import fold_skill
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS info(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS docs(
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL,
+    text TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    skills TEXT NOT NULL,
+    vector BLOB,
+    model_version TEXT NOT NULL,
+    dead_at INTEGER
+);
+CREATE UNIQUE INDEX IF NOT EXISTS docs_live_id ON docs(id) WHERE dead_at IS NULL;
+CREATE INDEX IF NOT EXISTS docs_dead_at ON docs(dead_at);
+CREATE TABLE IF NOT EXISTS meta(seq INTEGER NOT NULL, field TEXT NOT NULL, value TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS meta_field_value ON meta(field, value, seq);
+CREATE INDEX IF NOT EXISTS meta_seq ON meta(seq);
+CREATE TABLE IF NOT EXISTS skills(seq INTEGER NOT NULL, skill TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS skills_skill ON skills(skill, seq);
+CREATE INDEX IF NOT EXISTS skills_seq ON skills(seq);
+CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(text, tokenize='unicode61 remove_diacritics 2');
+"""
+
+
+@dataclass(frozen=True)
+class NewDocument:
+    id: str
+    text: str
+    vector: np.ndarray
+    metadata: dict[str, str] = field(default_factory=dict)
+    skills: tuple[str, ...] = ()
+    lexical_text: str = ""  # what the lexical side indexes; defaults to `text`
+
+
+@dataclass(frozen=True)
+class StoredDocument:
+    seq: int
+    id: str
+    text: str
+    metadata: dict[str, str]
+    skills: list[str]
+    vector: np.ndarray | None
+    model_version: str
+
+
+@dataclass(frozen=True)
+class Change:
+    """What the derived index must apply: vectors to add, FAISS ids to remove."""
+
+    added_ids: np.ndarray
+    added_vectors: np.ndarray
+    removed_ids: np.ndarray
+    last_seq: int
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+def _blob(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+def _unblob(blob: bytes | None, dim: int) -> np.ndarray | None:
+    return None if blob is None else np.frombuffer(blob, dtype="<f4", count=dim).astype(np.float32)
+
+
+class Store:
+    def __init__(self, path: Path, dim: int) -> None:
+        self.path = Path(path)
+        self.dim = dim
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self._writer = self._connect()
+        with self._writer:
+            self._writer.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.execute("PRAGMA foreign_keys=OFF")
+        return connection
+
+    def _reader(self) -> sqlite3.Connection:
+        """One read connection per thread: WAL lets reads run while a write commits."""
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._connect()
+            self._local.connection = connection
+        return connection
+
+    # -- info ---------------------------------------------------------------
+    def get_info(self, key: str, default: str = "") -> str:
+        row = self._reader().execute("SELECT value FROM info WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_info(self, values: dict[str, str]) -> None:
+        with self._write_lock:
+            self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                self._writer.executemany("INSERT OR REPLACE INTO info(key, value) VALUES (?, ?)", list(values.items()))
+                self._writer.execute("COMMIT")
+            except BaseException:
+                self._writer.execute("ROLLBACK")
+                raise
+
+    def last_seq(self) -> int:
+        return int(self.get_info("last_seq", "0"))
+
+    # -- writes -------------------------------------------------------------
+    def upsert(self, documents: Sequence[NewDocument], model_version: str) -> Change:
+        """Commit new versions of the documents; earlier versions of the same ids die."""
+        ids = [d.id for d in documents]
+        if len(set(ids)) != len(ids):
+            raise StoreError("duplicate ids in one upsert")
+        with self._write_lock:
+            db = self._writer
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                seq = int((db.execute("SELECT value FROM info WHERE key='last_seq'").fetchone() or ["0"])[0])
+                removed = []
+                added_ids = []
+                for doc in documents:
+                    seq += 1
+                    old = db.execute("SELECT seq FROM docs WHERE id=? AND dead_at IS NULL", (doc.id,)).fetchone()
+                    if old:
+                        self._kill(db, old[0], seq)
+                        removed.append(old[0])
+                    db.execute(
+                        "INSERT INTO docs(seq, id, text, metadata, skills, vector, model_version) VALUES (?,?,?,?,?,?,?)",
+                        (
+                            seq, doc.id, doc.text, json.dumps(doc.metadata, ensure_ascii=False),
+                            json.dumps(list(doc.skills), ensure_ascii=False), _blob(doc.vector), model_version,
+                        ),
+                    )
+                    db.executemany("INSERT INTO meta(seq, field, value) VALUES (?,?,?)", [(seq, k, v) for k, v in doc.metadata.items()])
+                    folded = sorted({fold_skill(s) for s in doc.skills if fold_skill(s)})
+                    db.executemany("INSERT INTO skills(seq, skill) VALUES (?,?)", [(seq, s) for s in folded])
+                    db.execute("INSERT INTO fts(rowid, text) VALUES (?, ?)", (seq, doc.lexical_text or doc.text))
+                    added_ids.append(seq)
+                db.execute("INSERT OR REPLACE INTO info(key, value) VALUES ('last_seq', ?)", (str(seq),))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        vectors = np.stack([np.asarray(d.vector, dtype=np.float32) for d in documents]) if documents else np.zeros((0, self.dim), np.float32)
+        return Change(np.asarray(added_ids, np.int64), vectors, np.asarray(removed, np.int64), seq)
+
+    @staticmethod
+    def _kill(db: sqlite3.Connection, seq: int, dead_at: int) -> None:
+        db.execute("UPDATE docs SET dead_at=?, vector=NULL WHERE seq=?", (dead_at, seq))
+        db.execute("DELETE FROM meta WHERE seq=?", (seq,))
+        db.execute("DELETE FROM skills WHERE seq=?", (seq,))
+        db.execute("DELETE FROM fts WHERE rowid=?", (seq,))
+
+    def delete(self, ids: Iterable[str]) -> Change:
+        with self._write_lock:
+            db = self._writer
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                seq = int((db.execute("SELECT value FROM info WHERE key='last_seq'").fetchone() or ["0"])[0])
+                removed = []
+                for doc_id in dict.fromkeys(ids):
+                    old = db.execute("SELECT seq FROM docs WHERE id=? AND dead_at IS NULL", (doc_id,)).fetchone()
+                    if old:
+                        seq += 1
+                        self._kill(db, old[0], seq)
+                        removed.append(old[0])
+                db.execute("INSERT OR REPLACE INTO info(key, value) VALUES ('last_seq', ?)", (str(seq),))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return Change(np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32), np.asarray(removed, np.int64), seq)
+
+    def purge_dead(self, up_to_seq: int) -> int:
+        """Forget rows that died at or before a persisted snapshot: replay no longer needs them."""
+        with self._write_lock:
+            cursor = self._writer.execute("DELETE FROM docs WHERE dead_at IS NOT NULL AND dead_at <= ?", (up_to_seq,))
+            return cursor.rowcount
+
+    # -- reads --------------------------------------------------------------
+    def count(self) -> int:
+        return int(self._reader().execute("SELECT count(*) FROM docs WHERE dead_at IS NULL").fetchone()[0])
+
+    def changes_since(self, seq: int) -> Change:
+        db = self._reader()
+        added = db.execute("SELECT seq, vector FROM docs WHERE seq > ? AND dead_at IS NULL ORDER BY seq", (seq,)).fetchall()
+        removed = db.execute("SELECT seq FROM docs WHERE seq <= ? AND dead_at > ?", (seq, seq)).fetchall()
+        ids = np.asarray([r[0] for r in added], np.int64)
+        vectors = np.stack([_unblob(r[1], self.dim) for r in added]) if added else np.zeros((0, self.dim), np.float32)
+        return Change(ids, vectors, np.asarray([r[0] for r in removed], np.int64), self.last_seq())
+
+    def live_vectors(self, batch: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        db = self._reader()
+        last = 0
+        while True:
+            rows = db.execute(
+                "SELECT seq, vector FROM docs WHERE dead_at IS NULL AND seq > ? ORDER BY seq LIMIT ?", (last, batch)
+            ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield np.asarray([r[0] for r in rows], np.int64), np.stack([_unblob(r[1], self.dim) for r in rows])
+
+    def _rows(self, where: str, params: Sequence, include_vectors: bool) -> list[StoredDocument]:
+        column = "vector" if include_vectors else "NULL"
+        rows = self._reader().execute(
+            f"SELECT seq, id, text, metadata, skills, {column}, model_version FROM docs WHERE dead_at IS NULL AND {where}",
+            params,
+        ).fetchall()
+        return [
+            StoredDocument(r[0], r[1], r[2], json.loads(r[3]), json.loads(r[4]), _unblob(r[5], self.dim), r[6])
+            for r in rows
+        ]
+
+    def by_ids(self, ids: Sequence[str], include_vectors: bool = False) -> dict[str, StoredDocument]:
+        found: dict[str, StoredDocument] = {}
+        for start in range(0, len(ids), 500):
+            chunk = list(ids[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            for doc in self._rows(f"id IN ({marks})", chunk, include_vectors):
+                found[doc.id] = doc
+        return found
+
+    def by_seqs(self, seqs: Sequence[int], include_vectors: bool = False) -> dict[int, StoredDocument]:
+        found: dict[int, StoredDocument] = {}
+        for start in range(0, len(seqs), 500):
+            chunk = [int(s) for s in seqs[start : start + 500]]
+            marks = ",".join("?" * len(chunk))
+            for doc in self._rows(f"seq IN ({marks})", chunk, include_vectors):
+                found[doc.seq] = doc
+        return found
+
+    def has_field(self, name: str) -> bool:
+        return self._reader().execute("SELECT 1 FROM meta WHERE field=? LIMIT 1", (name,)).fetchone() is not None
+
+    def filtered_seqs(
+        self, filters: Sequence[tuple[str, Sequence[str]]], skills_all: Sequence[str], skills_any: Sequence[str]
+    ) -> np.ndarray:
+        """Live FAISS ids whose metadata and skills satisfy every condition."""
+        clauses, params = [], []
+        for name, values in filters:
+            marks = ",".join("?" * len(values))
+            clauses.append(f"seq IN (SELECT seq FROM meta WHERE field=? AND value IN ({marks}))")
+            params += [name, *values]
+        for skill in skills_all:
+            clauses.append("seq IN (SELECT seq FROM skills WHERE skill=?)")
+            params.append(fold_skill(skill))
+        if skills_any:
+            marks = ",".join("?" * len(skills_any))
+            clauses.append(f"seq IN (SELECT seq FROM skills WHERE skill IN ({marks}))")
+            params += [fold_skill(s) for s in skills_any]
+        where = " AND ".join(["dead_at IS NULL", *clauses])
+        rows = self._reader().execute(f"SELECT seq FROM docs WHERE {where}", params).fetchall()
+        return np.asarray([r[0] for r in rows], np.int64)
+
+    def lexical(self, match: str, limit: int, allowed: np.ndarray | None = None) -> list[tuple[int, float]]:
+        """(FAISS id, bm25 with higher = better) for an FTS5 MATCH expression."""
+        if not match:
+            return []
+        db = self._reader()
+        if allowed is None:
+            rows = db.execute(
+                "SELECT rowid, bm25(fts) FROM fts WHERE fts MATCH ? ORDER BY bm25(fts) LIMIT ?", (match, limit)
+            ).fetchall()
+        else:
+            if len(allowed) == 0:
+                return []
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS allowed_seqs(seq INTEGER PRIMARY KEY)")
+            db.execute("DELETE FROM allowed_seqs")
+            db.executemany("INSERT INTO allowed_seqs(seq) VALUES (?)", [(int(s),) for s in allowed])
+            rows = db.execute(
+                "SELECT rowid, bm25(fts) FROM fts WHERE fts MATCH ? AND rowid IN (SELECT seq FROM allowed_seqs) "
+                "ORDER BY bm25(fts) LIMIT ?",
+                (match, limit),
+            ).fetchall()
+        return [(int(r[0]), -float(r[1])) for r in rows]
+
+    def close(self) -> None:
+        self._writer.close()

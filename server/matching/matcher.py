@@ -1,0 +1,96 @@
+"""Matching on top of collections: free text to ROME occupations, profiles to items.
+
+Both are plain functions of a collection and an already-embedded query; the
+API layer embeds the text with the collection's model and calls them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..index.collection import Collection, Hit, SearchQuery
+from ..index.text import fold_skill, terms
+from .catalogue import Occupation, entries
+
+OCCUPATION_POOL = 300  # entries retrieved per side before grouping by code
+LEXICAL_WEIGHT = 0.35  # share of the normalised bm25 in an occupation's score
+PROFILE_POOL_MIN = 100
+
+
+@dataclass
+class OccupationScore:
+    occupation: Occupation
+    score: float
+    dense_score: float
+    lexical_score: float
+    matched_terms: list[str]
+    matched_entry: str
+
+
+@dataclass
+class ProfileScore:
+    hit: Hit
+    score: float
+    skill_score: float
+    matched_skills: list[str] = field(default_factory=list)
+    missing_skills: list[str] = field(default_factory=list)
+
+
+class OccupationMatcher:
+    """Group entry hits by ROME code; score = cosine + LEXICAL_WEIGHT * bm25 / best bm25."""
+
+    def __init__(self, collection: Collection, occupations: list[Occupation]) -> None:
+        self.collection = collection
+        self.occupations = {o.code: o for o in occupations}
+        self._terms = {
+            o.code: set().union(*(terms(e.lexical_text) for e in entries(o))) for o in occupations
+        }
+
+    def match(self, text: str, vector: np.ndarray, k: int) -> list[OccupationScore]:
+        result = self.collection.search(
+            SearchQuery(vector=vector, k=OCCUPATION_POOL, text=text, hybrid=True, candidates=OCCUPATION_POOL)
+        )
+        best: dict[str, tuple[float, str]] = {}
+        lexical: dict[str, float] = {}
+        for hit in result.hits:
+            code = hit.document.metadata.get("code", "")
+            if code not in self.occupations:
+                continue
+            if hit.dense_score > best.get(code, (-2.0, ""))[0]:
+                best[code] = (hit.dense_score, hit.document.text)
+            lexical[code] = max(lexical.get(code, 0.0), hit.lexical_score)
+        top_lexical = max(lexical.values(), default=0.0) or 1.0
+        query_terms = terms(text)
+        scored = []
+        for code, (dense, entry_text) in best.items():
+            lex = lexical.get(code, 0.0)
+            score = dense + LEXICAL_WEIGHT * lex / top_lexical
+            matched = [t for t in query_terms if t in self._terms[code]]
+            scored.append(OccupationScore(self.occupations[code], score, dense, lex, matched, entry_text))
+        scored.sort(key=lambda s: (-s.score, s.occupation.code))
+        return scored[:k]
+
+
+def match_profile(
+    collection: Collection,
+    vector: np.ndarray,
+    skills: list[str],
+    k: int,
+    filters: tuple[tuple[str, tuple[str, ...]], ...] = (),
+    skill_weight: float = 0.3,
+) -> list[ProfileScore]:
+    """Dense similarity to the profile text, blended with the share of each item's skills the profile has."""
+    pool = max(5 * k, PROFILE_POOL_MIN)
+    result = collection.search(SearchQuery(vector=vector, k=min(pool, 2048), filters=filters))
+    have = {fold_skill(s) for s in skills if fold_skill(s)}
+    scored = []
+    for hit in result.hits:
+        item_skills = list(dict.fromkeys(hit.document.skills))
+        matched = [s for s in item_skills if fold_skill(s) in have]
+        missing = [s for s in item_skills if fold_skill(s) not in have]
+        share = len(matched) / len(item_skills) if item_skills else 0.0
+        score = (1 - skill_weight) * hit.dense_score + skill_weight * share
+        scored.append(ProfileScore(hit, score, share, matched, missing))
+    scored.sort(key=lambda s: (-s.score, s.hit.document.id))
+    return scored[:k]
