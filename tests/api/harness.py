@@ -1,0 +1,52 @@
+"""A real server on its own event-loop thread, for tests that use blocking stubs."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import tempfile
+import threading
+from pathlib import Path
+
+from server.app import RunningServer, start_server
+from server.config import LimitsConfig, ServerConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = "multilingual-e5-small"
+MAX_MESSAGE_BYTES = 256 * 1024
+
+
+class ServerThread:
+    """A server on its own event loop thread, so tests can use plain blocking stubs."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.batch_sizes: list[int] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.running: RunningServer = self.call(start_server(config, on_batch=self._record))
+        self.address = f"127.0.0.1:{self.running.port}"
+
+    def _record(self, model: str, version: str, stats) -> None:
+        self.batch_sizes.append(stats.size)
+
+    def call(self, coro, timeout: float = 180.0):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.call(self.running.stop(grace))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+def make_config(**changes) -> ServerConfig:
+    base = ServerConfig(
+        port=0,
+        rome_collection=False,
+        progress=False,
+        collections_dir=Path(tempfile.mkdtemp(prefix="openemploi-test-")),
+        model_repository=REPO_ROOT / "models",
+        default_model=DEFAULT_MODEL,
+        models=(DEFAULT_MODEL,),
+        limits=LimitsConfig(max_texts_per_request=64, max_message_bytes=MAX_MESSAGE_BYTES, max_text_chars=20_000, stream_window=4),
+    )
+    return dataclasses.replace(base, **changes)
