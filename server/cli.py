@@ -48,6 +48,23 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 when the server's gRPC health service says SERVING (for Docker and probes)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            ).status
+        except grpc.RpcError as exc:
+            print(f"openemploi: health check failed: {exc.code().name}", file=sys.stderr)
+            return 1
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def _models(args: argparse.Namespace) -> int:
     from .modelrepo.build import BuildError, BuildOptions, build_model
     from .modelrepo.repository import ModelNotFound, ModelRepository
@@ -91,6 +108,12 @@ def parser() -> argparse.ArgumentParser:
     embed.add_argument("--truncate", action="store_true")
     embed.add_argument("--timeout", type=float, default=30.0)
     embed.set_defaults(func=_embed)
+
+    health = sub.add_parser("health", help="check a running server's gRPC health (exit 0 when SERVING)")
+    health.add_argument("--address", default="127.0.0.1:50051")
+    health.add_argument("--service", default="")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(func=_health)
 
     models = sub.add_parser("models", help="build and list models of the repository")
     models.add_argument("--model-repository", default="models")

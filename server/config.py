@@ -32,6 +32,11 @@ class LimitsConfig:
     max_text_chars: int = 200_000
     stream_window: int = 8  # requests of one EmbedStream processed concurrently
 
+    def __post_init__(self) -> None:
+        for name in ("max_texts_per_request", "max_message_bytes", "max_text_chars", "stream_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"limits.{name} must be at least 1, got {getattr(self, name)}")
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -68,7 +73,11 @@ def _coerce(value: object, annotation: object, key: str) -> object:
             if text in {"0", "false", "no", "off"}:
                 return False
             raise ValueError(value)
+        if annotation in (int, float) and isinstance(value, bool):
+            raise TypeError("a boolean is not a number")
         if annotation is int:
+            if isinstance(value, float):
+                raise TypeError("not an integer")
             return int(value)
         if annotation is float:
             return float(value)
@@ -124,6 +133,8 @@ def load_config(
             raise ConfigError(f"config file {path} not found") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc}") from exc
     for key, value in (overrides or {}).items():
         if value is None:
             continue

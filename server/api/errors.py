@@ -48,15 +48,24 @@ def invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
-async def run_rpc(context, rid: str, work, log, name: str):
-    """Run a servicer body; map any failure to its status code with the request id attached."""
+async def handle_unary(request, context, work, log, name: str):
+    """The body of every unary RPC: refuse unparsable bytes, run `work`, map failures to a status.
+
+    The request id (from `x-request-id` metadata, or generated) goes back in trailing metadata
+    whether the call succeeds or fails.
+    """
+    from .embedding import request_id  # local: embedding imports this module
+
+    rid = request_id(context)
+    context.set_trailing_metadata((("x-request-id", rid),))
     try:
+        if isinstance(request, Malformed):
+            raise invalid(f"request could not be parsed ({request.error}); strings must be valid UTF-8")
         return await work()
     except Exception as exc:
         code, message = status_for(exc)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("%s failed", name, extra={"request_id": rid})
-        context.set_trailing_metadata((("x-request-id", rid),))
         await context.abort(code, message)
 
 

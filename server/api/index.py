@@ -15,8 +15,8 @@ from ..index.vectors import IndexParams
 from ..modelrepo.registry import LoadedModel, ModelRegistry
 from ..modelrepo.repository import ModelNotFound
 from ..tokenize import TextKind
-from .embedding import deadline_of, request_id
-from .errors import Malformed, failed_precondition, invalid, register_unary_service, run_rpc
+from .embedding import deadline_of
+from .errors import failed_precondition, handle_unary, invalid, register_unary_service
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +74,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         self._registry = registry
 
     async def _rpc(self, request, context, work, name: str):
-        rid = request_id(context)
-
-        async def guarded():
-            if isinstance(request, Malformed):
-                raise invalid(f"request could not be parsed ({request.error}); strings must be valid UTF-8")
-            return await work()
-
-        response = await run_rpc(context, rid, guarded, log, name)
-        context.set_trailing_metadata((("x-request-id", rid),))
-        return response
+        return await handle_unary(request, context, work, log, name)
 
     async def CreateCollection(self, request, context):  # noqa: N802
         async def work():

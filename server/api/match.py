@@ -12,8 +12,8 @@ from ..index.collection import CollectionManager
 from ..matching.matcher import OccupationMatcher, match_profile
 from ..modelrepo.registry import ModelRegistry
 from ..tokenize import TextKind
-from .embedding import deadline_of, request_id
-from .errors import Malformed, invalid, register_unary_service, run_rpc
+from .embedding import deadline_of
+from .errors import handle_unary, invalid, register_unary_service
 from .index import collection_model, parse_filters
 
 log = logging.getLogger(__name__)
@@ -27,16 +27,7 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
         self.occupations = occupations  # set once the ROME collection is indexed
 
     async def _rpc(self, request, context, work, name: str):
-        rid = request_id(context)
-
-        async def guarded():
-            if isinstance(request, Malformed):
-                raise invalid(f"request could not be parsed ({request.error}); strings must be valid UTF-8")
-            return await work()
-
-        response = await run_rpc(context, rid, guarded, log, name)
-        context.set_trailing_metadata((("x-request-id", rid),))
-        return response
+        return await handle_unary(request, context, work, log, name)
 
     async def _embed_query(self, collection, text: str, context):
         model = collection_model(self._registry, collection)

@@ -26,6 +26,14 @@ class OnnxBackendConfig:
     inter_op_threads: int = 1
     cuda_device_id: int = 0
 
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"backend.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.cpu_precision not in ("int8", "fp32"):
+            raise ValueError(f"backend.cpu_precision must be int8 or fp32, got {self.cpu_precision!r}")
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0 or self.cuda_device_id < 0:
+            raise ValueError("backend thread counts and cuda_device_id must not be negative")
+
 
 class BackendUnavailable(RuntimeError):
     """The requested device or precision has no model file or no provider here."""

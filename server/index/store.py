@@ -8,6 +8,7 @@ transaction is committed to disk.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -117,56 +118,68 @@ class Store:
         return row[0] if row else default
 
     def set_info(self, values: dict[str, str]) -> None:
-        with self._write_lock:
-            self._writer.execute("BEGIN IMMEDIATE")
-            try:
-                self._writer.executemany("INSERT OR REPLACE INTO info(key, value) VALUES (?, ?)", list(values.items()))
-                self._writer.execute("COMMIT")
-            except BaseException:
-                self._writer.execute("ROLLBACK")
-                raise
+        with self._transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO info(key, value) VALUES (?, ?)", list(values.items()))
 
     def last_seq(self) -> int:
         return int(self.get_info("last_seq", "0"))
 
     # -- writes -------------------------------------------------------------
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One writer at a time; BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
+        with self._write_lock:
+            db = self._writer
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def _kill_live(self, db: sqlite3.Connection, doc_id: str, dead_at: int) -> int | None:
+        """Retire the live version of `doc_id`, if any; return its FAISS id."""
+        old = db.execute("SELECT seq FROM docs WHERE id=? AND dead_at IS NULL", (doc_id,)).fetchone()
+        if old is None:
+            return None
+        self._kill(db, old[0], dead_at)
+        return int(old[0])
+
     def upsert(self, documents: Sequence[NewDocument], model_version: str) -> Change:
         """Commit new versions of the documents; earlier versions of the same ids die."""
         ids = [d.id for d in documents]
         if len(set(ids)) != len(ids):
             raise StoreError("duplicate ids in one upsert")
-        with self._write_lock:
-            db = self._writer
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                seq = int((db.execute("SELECT value FROM info WHERE key='last_seq'").fetchone() or ["0"])[0])
-                removed = []
-                added_ids = []
-                for doc in documents:
-                    seq += 1
-                    old = db.execute("SELECT seq FROM docs WHERE id=? AND dead_at IS NULL", (doc.id,)).fetchone()
-                    if old:
-                        self._kill(db, old[0], seq)
-                        removed.append(old[0])
-                    db.execute(
-                        "INSERT INTO docs(seq, id, text, metadata, skills, vector, model_version) VALUES (?,?,?,?,?,?,?)",
-                        (
-                            seq, doc.id, doc.text, json.dumps(doc.metadata, ensure_ascii=False),
-                            json.dumps(list(doc.skills), ensure_ascii=False), _blob(doc.vector), model_version,
-                        ),
-                    )
-                    db.executemany("INSERT INTO meta(seq, field, value) VALUES (?,?,?)", [(seq, k, v) for k, v in doc.metadata.items()])
-                    folded = sorted({fold_skill(s) for s in doc.skills if fold_skill(s)})
-                    db.executemany("INSERT INTO skills(seq, skill) VALUES (?,?)", [(seq, s) for s in folded])
-                    db.execute("INSERT INTO fts(rowid, text) VALUES (?, ?)", (seq, doc.lexical_text or doc.text))
-                    added_ids.append(seq)
-                db.execute("INSERT OR REPLACE INTO info(key, value) VALUES ('last_seq', ?)", (str(seq),))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        removed: list[int] = []
+        added_ids: list[int] = []
+        with self._transaction() as db:
+            seq = self._committed_seq(db)
+            for doc in documents:
+                seq += 1
+                old = self._kill_live(db, doc.id, seq)
+                if old is not None:
+                    removed.append(old)
+                db.execute(
+                    "INSERT INTO docs(seq, id, text, metadata, skills, vector, model_version) VALUES (?,?,?,?,?,?,?)",
+                    (
+                        seq, doc.id, doc.text, json.dumps(doc.metadata, ensure_ascii=False),
+                        json.dumps(list(doc.skills), ensure_ascii=False), _blob(doc.vector), model_version,
+                    ),
+                )
+                db.executemany("INSERT INTO meta(seq, field, value) VALUES (?,?,?)", [(seq, k, v) for k, v in doc.metadata.items()])
+                folded = sorted({fold_skill(s) for s in doc.skills if fold_skill(s)})
+                db.executemany("INSERT INTO skills(seq, skill) VALUES (?,?)", [(seq, s) for s in folded])
+                db.execute("INSERT INTO fts(rowid, text) VALUES (?, ?)", (seq, doc.lexical_text or doc.text))
+                added_ids.append(seq)
+            db.execute("INSERT OR REPLACE INTO info(key, value) VALUES ('last_seq', ?)", (str(seq),))
         vectors = np.stack([np.asarray(d.vector, dtype=np.float32) for d in documents]) if documents else np.zeros((0, self.dim), np.float32)
         return Change(np.asarray(added_ids, np.int64), vectors, np.asarray(removed, np.int64), seq)
+
+    @staticmethod
+    def _committed_seq(db: sqlite3.Connection) -> int:
+        row = db.execute("SELECT value FROM info WHERE key='last_seq'").fetchone()
+        return int(row[0]) if row else 0
 
     @staticmethod
     def _kill(db: sqlite3.Connection, seq: int, dead_at: int) -> None:
@@ -176,23 +189,15 @@ class Store:
         db.execute("DELETE FROM fts WHERE rowid=?", (seq,))
 
     def delete(self, ids: Iterable[str]) -> Change:
-        with self._write_lock:
-            db = self._writer
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                seq = int((db.execute("SELECT value FROM info WHERE key='last_seq'").fetchone() or ["0"])[0])
-                removed = []
-                for doc_id in dict.fromkeys(ids):
-                    old = db.execute("SELECT seq FROM docs WHERE id=? AND dead_at IS NULL", (doc_id,)).fetchone()
-                    if old:
-                        seq += 1
-                        self._kill(db, old[0], seq)
-                        removed.append(old[0])
-                db.execute("INSERT OR REPLACE INTO info(key, value) VALUES ('last_seq', ?)", (str(seq),))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        removed: list[int] = []
+        with self._transaction() as db:
+            seq = self._committed_seq(db)
+            for doc_id in dict.fromkeys(ids):
+                old = self._kill_live(db, doc_id, seq + 1)
+                if old is not None:
+                    seq += 1
+                    removed.append(old)
+            db.execute("INSERT OR REPLACE INTO info(key, value) VALUES ('last_seq', ?)", (str(seq),))
         return Change(np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32), np.asarray(removed, np.int64), seq)
 
     def purge_dead(self, up_to_seq: int) -> int:

@@ -19,6 +19,7 @@ from .catalogue import Occupation, catalogue_version, entries
 
 log = logging.getLogger(__name__)
 BATCH = 64
+IN_FLIGHT = 8
 
 
 async def ensure_rome_collection(
@@ -38,16 +39,21 @@ async def ensure_rome_collection(
     collection = await asyncio.to_thread(manager.create, spec)
     todo = [entry for occupation in occupations for entry in entries(occupation)]
     bar = tqdm(total=len(todo), desc=f"indexing {name}", unit="entry", disable=not progress)
+    async def embed_chunk(chunk):
+        result = await model.embed([e.text for e in chunk], TextKind.PASSAGE, truncate=True)
+        return [
+            NewDocument(e.id, e.text, result.normalized[i], {"code": e.code, "entry": e.kind}, (), e.lexical_text)
+            for i, e in enumerate(chunk)
+        ]
+
     try:
-        for start in range(0, len(todo), BATCH):
-            chunk = todo[start : start + BATCH]
-            result = await model.embed([e.text for e in chunk], TextKind.PASSAGE, truncate=True)
-            documents = [
-                NewDocument(e.id, e.text, result.normalized[i], {"code": e.code, "entry": e.kind}, (), e.lexical_text)
-                for i, e in enumerate(chunk)
-            ]
-            await asyncio.to_thread(collection.upsert, documents)
-            bar.update(len(chunk))
+        # Several chunks in flight let the batcher sort by length and keep the backend busy.
+        for start in range(0, len(todo), BATCH * IN_FLIGHT):
+            window = todo[start : start + BATCH * IN_FLIGHT]
+            chunks = [window[i : i + BATCH] for i in range(0, len(window), BATCH)]
+            for documents in await asyncio.gather(*(embed_chunk(c) for c in chunks)):
+                await asyncio.to_thread(collection.upsert, documents)
+                bar.update(len(documents))
     finally:
         bar.close()
     collection.store.set_info({"catalogue_version": version})

@@ -47,7 +47,10 @@ class OccupationMatcher:
             o.code: set().union(*(terms(e.lexical_text) for e in entries(o))) for o in occupations
         }
 
-    def match(self, text: str, vector: np.ndarray, k: int) -> list[OccupationScore]:
+    def match(self, text: str, vector: np.ndarray, k: int, mode: str = "hybrid") -> list[OccupationScore]:
+        """mode: hybrid (default), dense (cosine only) or lexical (bm25 only), for evaluation."""
+        if mode not in ("hybrid", "dense", "lexical"):
+            raise ValueError(f"unknown match mode {mode!r}")
         result = self.collection.search(
             SearchQuery(vector=vector, k=OCCUPATION_POOL, text=text, hybrid=True, candidates=OCCUPATION_POOL)
         )
@@ -65,7 +68,14 @@ class OccupationMatcher:
         scored = []
         for code, (dense, entry_text) in best.items():
             lex = lexical.get(code, 0.0)
-            score = dense + LEXICAL_WEIGHT * lex / top_lexical
+            if mode == "lexical":
+                if lex <= 0:
+                    continue
+                score = lex / top_lexical
+            elif mode == "dense":
+                score = dense
+            else:
+                score = dense + LEXICAL_WEIGHT * lex / top_lexical
             matched = [t for t in query_terms if t in self._terms[code]]
             scored.append(OccupationScore(self.occupations[code], score, dense, lex, matched, entry_text))
         scored.sort(key=lambda s: (-s.score, s.occupation.code))

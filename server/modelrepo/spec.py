@@ -62,6 +62,24 @@ def _require(table: dict, key: str, where: Path):
     return table[key]
 
 
+_TOP_LEVEL = {"name", "description", "architecture", "dim", "max_tokens", "pooling", "normalize", "backend", "prefixes", "source", "build", "gates"}
+
+
+def _number(table: dict, key: str, where: Path, kind: type):
+    value = table[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise SpecError(f"{where}: {key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return kind(value)
+
+
+def _gates(table: dict, where: Path) -> GateSpec:
+    known = {f for f in GateSpec.__dataclass_fields__}
+    unknown = set(table) - known
+    if unknown:
+        raise SpecError(f"{where}: unknown gates {sorted(unknown)} (known: {sorted(known)})")
+    return GateSpec(**{key: _number(table, key, where, float) for key in table})
+
+
 def load_spec(folder: Path) -> ModelSpec:
     path = folder / "model.toml"
     if not path.is_file():
@@ -70,6 +88,9 @@ def load_spec(folder: Path) -> ModelSpec:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: invalid TOML: {exc}") from exc
+    unknown = set(data) - _TOP_LEVEL
+    if unknown:
+        raise SpecError(f"{path}: unknown keys {sorted(unknown)} (known: {sorted(_TOP_LEVEL)})")
     source_table = _require(data, "source", path)
     source = SourceSpec(
         kind=_require(source_table, "kind", path),
@@ -83,21 +104,25 @@ def load_spec(folder: Path) -> ModelSpec:
     prefixes = data.get("prefixes", {})
     build = data.get("build", {})
     precisions = tuple(build.get("precisions", ["int8"]))
+    if not precisions:
+        raise SpecError(f"{path}: build.precisions is empty; list at least one of {PRECISIONS}")
     for precision in precisions:
         if precision not in PRECISIONS:
             raise SpecError(f"{path}: unknown precision {precision!r} (known: {PRECISIONS})")
+    for key in ("dim", "max_tokens"):
+        _require(data, key, path)
     spec = ModelSpec(
         name=_require(data, "name", path),
         architecture=data.get("architecture", "bert"),
-        dim=int(_require(data, "dim", path)),
-        max_tokens=int(_require(data, "max_tokens", path)),
+        dim=_number(data, "dim", path, int),
+        max_tokens=_number(data, "max_tokens", path, int),
         pooling=data.get("pooling", "mean"),
         normalize=bool(data.get("normalize", True)),
         query_prefix=prefixes.get("query", ""),
         passage_prefix=prefixes.get("passage", ""),
         source=source,
         precisions=precisions,
-        gates=GateSpec(**data.get("gates", {})),
+        gates=_gates(data.get("gates", {}), path),
         int8_mode=build.get("int8_mode", "static"),
         backend=data.get("backend", "onnx"),
         description=data.get("description", ""),

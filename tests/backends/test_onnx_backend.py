@@ -1,0 +1,158 @@
+"""server/backends/onnx.py on the built default model (CPU-only machine)."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from server.backends.onnx import BackendUnavailable, OnnxBackendConfig, OnnxEncoder
+from server.modelrepo.fidelity import pad_batch
+from server.tokenize import TextKind, TextTokenizer, TokenizerConfig
+
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+cpu_only = pytest.mark.skipif(HAS_CUDA, reason="this test describes a machine without the CUDA provider")
+
+SHORT = "Boulanger / Boulangère"
+TEXTS = [
+    SHORT,
+    "Aide-soignant de nuit en EHPAD, diplôme d'État exigé, horaires en 12 heures, week-ends alternés.",
+    "Développeur web back-end Python, cinq ans d'expérience, télétravail partiel, CDI à Lyon. " * 6,
+    "Cariste CACES 1, 3 et 5",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_version) -> TextTokenizer:
+    v = default_version
+    return TextTokenizer(v.tokenizer_path, TokenizerConfig(v.max_tokens, v.query_prefix, v.passage_prefix))
+
+
+@pytest.fixture(scope="module")
+def encoder(default_version) -> OnnxEncoder:
+    enc = OnnxEncoder(default_version.graphs(), default_version.dim, OnnxBackendConfig())
+    yield enc
+    enc.close()
+
+
+@pytest.fixture(scope="module")
+def fp32_encoder(default_version) -> OnnxEncoder:
+    enc = OnnxEncoder(default_version.graphs(), default_version.dim, OnnxBackendConfig(cpu_precision="fp32"))
+    yield enc
+    enc.close()
+
+
+def batch(tokenizer, texts, kind=TextKind.PASSAGE):
+    return pad_batch(tokenizer.encode(texts, kind), tokenizer.pad_id)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
+    return (a * b).sum(axis=-1)
+
+
+# --------------------------------------------------------------------------- device / precision choice
+
+
+@cpu_only
+def test_default_config_picks_cpu_int8_without_cuda(encoder):
+    info = encoder.info
+    assert (info.backend, info.device, info.precision, info.dim) == ("onnx", "cpu", "int8", 384)
+    assert "no cuda" in info.detail.lower()
+
+
+def test_device_cpu_is_reported_as_asked(default_version):
+    enc = OnnxEncoder(default_version.graphs(), default_version.dim, OnnxBackendConfig(device="cpu"))
+    assert (enc.info.device, enc.info.precision) == ("cpu", "int8")
+    assert "device=cpu" in enc.info.detail
+
+
+@cpu_only
+def test_device_cuda_without_provider_raises(default_version):
+    with pytest.raises(BackendUnavailable, match="(?i)cuda") as info:
+        OnnxEncoder(default_version.graphs(), default_version.dim, OnnxBackendConfig(device="cuda"))
+    assert "provider" in str(info.value)
+
+
+def test_device_cuda_without_fp16_graph_raises(default_version, monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    graphs = {k: v for k, v in default_version.graphs().items() if k != "fp16"}
+    with pytest.raises(BackendUnavailable, match="fp16"):
+        OnnxEncoder(graphs, default_version.dim, OnnxBackendConfig(device="cuda"))
+
+
+def test_auto_with_cuda_provider_but_no_fp16_graph_falls_back_to_cpu(default_version, monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    graphs = {k: v for k, v in default_version.graphs().items() if k != "fp16"}
+    enc = OnnxEncoder(graphs, default_version.dim, OnnxBackendConfig(device="auto"))
+    assert (enc.info.device, enc.info.precision) == ("cpu", "int8")
+    assert "fp16" in enc.info.detail
+
+
+def test_missing_cpu_precision_graph_raises_naming_what_exists(default_version):
+    graphs = {"fp32": default_version.graphs()["fp32"]}
+    with pytest.raises(BackendUnavailable, match=r"int8.*fp32"):
+        OnnxEncoder(graphs, default_version.dim, OnnxBackendConfig(device="cpu"))
+
+
+def test_unknown_device_is_rejected(default_version):
+    """'gpu' (a typo for cuda) must fail loudly, not silently serve on the CPU."""
+    with pytest.raises((BackendUnavailable, ValueError), match="device"):
+        OnnxEncoder(default_version.graphs(), default_version.dim, OnnxBackendConfig(device="gpu"))
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_outputs_are_unit_norm_float32_rows(encoder, tokenizer):
+    ids, mask = batch(tokenizer, TEXTS)
+    embedding, pooled = encoder.encode(ids, mask)
+    assert embedding.dtype == np.float32 and pooled.dtype == np.float32
+    assert embedding.shape == pooled.shape == (len(TEXTS), 384)
+    np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-4)
+    assert np.isfinite(embedding).all()
+
+
+def test_single_text_batch(encoder, tokenizer):
+    embedding, _ = encoder.encode(*batch(tokenizer, [SHORT]))
+    assert embedding.shape == (1, 384)
+
+
+def test_vector_does_not_depend_on_batch_neighbours_or_padding(encoder, tokenizer):
+    alone, _ = encoder.encode(*batch(tokenizer, [SHORT]))
+    ids, mask = batch(tokenizer, TEXTS)
+    assert mask[0].sum() < ids.shape[1]  # SHORT really is padded in the batch
+    together, _ = encoder.encode(ids, mask)
+    assert cosine(alone[0], together[0]) >= 0.9999
+    # and in another position with other neighbours
+    reordered, _ = encoder.encode(*batch(tokenizer, [TEXTS[2], TEXTS[3], SHORT]))
+    assert cosine(alone[0], reordered[2]) >= 0.9999
+
+
+def test_pooled_is_unnormalised_mean_and_normalising_gives_the_embedding(encoder, tokenizer):
+    embedding, pooled = encoder.encode(*batch(tokenizer, TEXTS))
+    norms = np.linalg.norm(pooled, axis=1)
+    assert np.all(np.abs(norms - 1.0) > 0.01)
+    np.testing.assert_allclose(pooled / norms[:, None], embedding, atol=1e-5)
+
+
+def test_fp32_precision_works_and_agrees_with_int8(encoder, fp32_encoder, tokenizer):
+    assert (fp32_encoder.info.device, fp32_encoder.info.precision) == ("cpu", "fp32")
+    ids, mask = batch(tokenizer, TEXTS)
+    int8, _ = encoder.encode(ids, mask)
+    fp32, _ = fp32_encoder.encode(ids, mask)
+    np.testing.assert_allclose(np.linalg.norm(fp32, axis=1), 1.0, atol=1e-5)
+    assert np.all(cosine(int8, fp32) >= 0.99)
+    assert not np.array_equal(int8, fp32)
+
+
+def test_embeddings_rank_the_matching_passage_first(encoder, tokenizer):
+    passages = [
+        "Boulanger : fabrication du pain et des viennoiseries, pétrissage, façonnage et cuisson au four.",
+        "Développeur informatique : conception et programmation d'applications web et de bases de données.",
+        "Chauffeur poids lourd : transport de marchandises sur longue distance, permis C et CE.",
+    ]
+    queries = ["je fais du pain la nuit", "coder des sites internet en Python", "conduire un camion"]
+    p, _ = encoder.encode(*batch(tokenizer, passages, TextKind.PASSAGE))
+    q, _ = encoder.encode(*batch(tokenizer, queries, TextKind.QUERY))
+    assert np.argmax(q @ p.T, axis=1).tolist() == [0, 1, 2]
