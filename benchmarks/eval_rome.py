@@ -62,7 +62,7 @@ async def evaluate_precision(precision: str, dev: list[dict]) -> dict:
     started = time.perf_counter()
     collection = await ensure_rome_collection(manager, model, occupations, progress=True)
     index_s = time.perf_counter() - started
-    matcher = OccupationMatcher(collection, occupations)
+    matcher = OccupationMatcher(lambda: collection, occupations)
     queries = [d["query"] for d in dev]
     vectors = (await model.embed(queries, TextKind.QUERY, truncate=True)).normalized
     results: dict[str, dict] = {}

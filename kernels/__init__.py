@@ -1,1 +1,58 @@
-"""numba kernels (pooling, score fusion + top-k, skill overlap), each with a numpy reference."""
+"""numba kernels (pooling, score fusion + top-k, skill overlap), each with a numpy reference.
+
+Every kernel comes in four functions of the same signature:
+
+* ``<name>_reference``: numpy, the specification the others are tested against;
+* ``<name>_numba``: numba CPU (``@njit(cache=True)``, one thread: ``parallel=True`` did not pay on the
+  2 shared cores the service runs on, see the benchmark);
+* ``<name>_cuda``: numba CUDA (tested on the CUDA simulator, ``NUMBA_ENABLE_CUDASIM=1``);
+* ``<name>(..., backend=None)``: the entry point. ``backend=None`` runs numba CPU, or CUDA when an
+  input already lives on a CUDA device and ``numba.cuda.is_available()``; ``backend`` may force
+  ``"numpy"``, ``"numba"`` or ``"cuda"`` (an error when no device is available).
+
+``benchmarks/kernels_bench.py`` measures each numba kernel against its numpy reference; the product
+uses a kernel only where the numba version is faster (see the verdicts in that benchmark's JSON).
+"""
+from ._dispatch import BACKENDS, BackendUnavailable, cuda_available
+from .fusion import (
+    RRF_K,
+    Fused,
+    fuse_topk,
+    fuse_topk_cuda,
+    fuse_topk_numba,
+    fuse_topk_reference,
+    fusion_candidates,
+)
+from .pooling import (
+    mean_pool_normalize,
+    mean_pool_normalize_cuda,
+    mean_pool_normalize_numba,
+    mean_pool_normalize_reference,
+)
+from .skills import (
+    skill_overlap,
+    skill_overlap_cuda,
+    skill_overlap_numba,
+    skill_overlap_reference,
+)
+
+__all__ = [
+    "BACKENDS",
+    "RRF_K",
+    "BackendUnavailable",
+    "Fused",
+    "cuda_available",
+    "fuse_topk",
+    "fuse_topk_cuda",
+    "fuse_topk_numba",
+    "fuse_topk_reference",
+    "fusion_candidates",
+    "mean_pool_normalize",
+    "mean_pool_normalize_cuda",
+    "mean_pool_normalize_numba",
+    "mean_pool_normalize_reference",
+    "skill_overlap",
+    "skill_overlap_cuda",
+    "skill_overlap_numba",
+    "skill_overlap_reference",
+]

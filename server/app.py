@@ -15,15 +15,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from openemploi.v1 import embedding_pb2, index_pb2, match_pb2
+from openemploi.v1 import embedding_pb2, index_pb2, match_pb2, models_pb2
 
 from .api import index as index_api
 from .api import match as match_api
+from .api import models as models_api
 from .api.embedding import EmbeddingServicer, add_to_server
 from .batching import BatchStats
 from .config import ServerConfig
 from .index.collection import CollectionManager
 from .matching.bootstrap import ensure_rome_collection
+from .metrics import Gauges, Metrics, MetricsInterceptor
 from .matching.catalogue import load_catalogue
 from .matching.matcher import OccupationMatcher
 from .modelrepo.registry import ModelRegistry
@@ -35,6 +37,7 @@ SERVICE_NAMES = (
     embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
     index_pb2.DESCRIPTOR.services_by_name["IndexService"].full_name,
     match_pb2.DESCRIPTOR.services_by_name["MatchService"].full_name,
+    models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
 )
 
 
@@ -43,9 +46,11 @@ class RunningServer:
     server: grpc.aio.Server
     registry: ModelRegistry
     collections: CollectionManager
+    metrics: Metrics
     health: health.aio.HealthServicer
     port: int
     config: ServerConfig
+    metrics_port: int = 0
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking new calls, let in-flight ones finish within the grace period, then drain batchers."""
@@ -54,6 +59,7 @@ class RunningServer:
         await self.server.stop(grace)
         await self.registry.close(drain=True)
         await asyncio.to_thread(self.collections.close)
+        self.metrics.close()
 
 
 BatchObserver = Callable[[str, str, BatchStats], None]
@@ -66,19 +72,46 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
         ("grpc.max_send_message_length", max(config.limits.max_message_bytes, 64 * 1024 * 1024)),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options)
+    metrics = Metrics()
+
+    def observe_batch(model: str, version: str, stats: BatchStats) -> None:
+        metrics.on_batch(model, version, stats)
+        if on_batch is not None:
+            on_batch(model, version, stats)
+
+    server = grpc.aio.server(options=options, interceptors=[MetricsInterceptor(metrics)])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("",) + SERVICE_NAMES:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    collections: CollectionManager | None = None
+
+    def pinned_versions() -> set[tuple[str, str]]:
+        """Model versions holding a collection's vectors stay loaded after a swap."""
+        if collections is None:
+            return set()
+        return {(c.spec.model, c.spec.model_version) for c in map(collections.get, collections.names())}
+
     registry = ModelRegistry(
-        ModelRepository(config.model_repository), config.batching, config.backend, config.default_model, on_batch
+        ModelRepository(config.model_repository), config.batching, config.backend, config.default_model,
+        observe_batch, pinned_versions,
     )
     collections = await asyncio.to_thread(CollectionManager, config.collections_dir)
+    metrics.watch(
+        Gauges(
+            queue_depth=lambda: [((m.name, m.version.version), m.batcher.queue_depth) for m in registry.models()],
+            models=lambda: [
+                ((m.name, m.version.version, m.encoder.info.device, m.encoder.info.precision), 1.0) for m in registry.models()
+            ],
+            collections=lambda: [((name,), collections.get(name).size()) for name in collections.names()],
+        )
+    )
+    metrics_port = metrics.serve(config.metrics_host, config.metrics_port) if config.metrics else 0
     add_to_server(EmbeddingServicer(registry, config.limits), server)
     index_api.add_to_server(index_api.IndexServicer(collections, registry), server)
     match_servicer = match_api.MatchServicer(collections, registry, None)
     match_api.add_to_server(match_servicer, server)
+    models_api.add_to_server(models_api.ModelServicer(registry), server)
     if config.reflection:
         reflection.enable_server_reflection(SERVICE_NAMES + (reflection.SERVICE_NAME, health.SERVICE_NAME), server)
     port = server.add_insecure_port(config.address)
@@ -91,16 +124,17 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
         if config.rome_collection:
             occupations = load_catalogue()
             rome = await ensure_rome_collection(collections, registry.get(), occupations, progress=config.progress)
-            match_servicer.occupations = OccupationMatcher(rome, occupations)
+            match_servicer.occupations = OccupationMatcher(lambda: collections.get(rome.spec.name), occupations)
     except BaseException:
         await server.stop(0)
         await registry.close(drain=False)
         await asyncio.to_thread(collections.close)
+        metrics.close()
         raise
     for name in ("",) + SERVICE_NAMES:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving on %s:%d (models: %s)", config.host, port, ", ".join(registry.loaded()))
-    return RunningServer(server, registry, collections, health_servicer, port, config)
+    return RunningServer(server, registry, collections, metrics, health_servicer, port, config, metrics_port)
 
 
 async def serve_forever(config: ServerConfig) -> None:

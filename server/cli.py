@@ -48,6 +48,28 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _collections(args: argparse.Namespace) -> int:
+    """Collections of a running server: list them, or re-embed one with another model."""
+    import grpc
+
+    from openemploi.v1 import index_pb2, index_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        stub = index_pb2_grpc.IndexServiceStub(channel)
+        try:
+            if args.collections_command == "list":
+                infos = stub.ListCollections(index_pb2.ListCollectionsRequest(), timeout=30).collections
+            else:
+                print(f"re-embedding {args.name} with {args.model or 'the default model'} (the server logs progress)...", file=sys.stderr)
+                infos = [stub.Reembed(index_pb2.ReembedRequest(collection=args.name, model=args.model), timeout=args.timeout).collection]
+        except grpc.RpcError as exc:
+            print(f"openemploi: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    for info in infos:
+        print(f"{info.name}\t{info.size} docs\t{info.model}/{info.model_version}\t{info.index_kind} on {info.device}")
+    return 0
+
+
 def _health(args: argparse.Namespace) -> int:
     """Exit 0 when the server's gRPC health service says SERVING (for Docker and probes)."""
     import grpc
@@ -76,6 +98,19 @@ def _models(args: argparse.Namespace) -> int:
             print(f"{name}: " + (", ".join(v.version for v in versions) if versions else "(not built)"))
         return 0
     configure_logging("WARNING", json_lines=False)
+    if args.models_command == "add":
+        from .modelrepo.add import AddOptions, add_model
+        from .modelrepo.spec import SpecError
+
+        try:
+            folder = add_model(
+                Path(args.model_repository), Path(args.path),
+                AddOptions(args.name, args.pooling or "", args.query_prefix, args.passage_prefix, args.allow_pickle, args.force),
+            )
+        except SpecError as exc:
+            print(f"openemploi: {exc}", file=sys.stderr)
+            return 1
+        print(f"wrote {folder / 'model.toml'}; building it now")
     try:
         built = build_model(repo, args.name, BuildOptions(force=args.force, fp16=args.fp16, progress=not args.no_progress))
     except (BuildError, ModelNotFound) as exc:
@@ -109,6 +144,16 @@ def parser() -> argparse.ArgumentParser:
     embed.add_argument("--timeout", type=float, default=30.0)
     embed.set_defaults(func=_embed)
 
+    collections = sub.add_parser("collections", help="list or re-embed the collections of a running server")
+    collections.add_argument("--address", default="127.0.0.1:50051")
+    csub = collections.add_subparsers(dest="collections_command", required=True)
+    csub.add_parser("list", help="list collections")
+    reembed = csub.add_parser("reembed", help="re-embed a collection with another model, then switch")
+    reembed.add_argument("name")
+    reembed.add_argument("--model", default="", help="default: the server's default model")
+    reembed.add_argument("--timeout", type=float, default=24 * 3600.0)
+    collections.set_defaults(func=_collections)
+
     health = sub.add_parser("health", help="check a running server's gRPC health (exit 0 when SERVING)")
     health.add_argument("--address", default="127.0.0.1:50051")
     health.add_argument("--service", default="")
@@ -124,6 +169,16 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None, help="build the fp16 graph (default: only with CUDA)")
     build.add_argument("--no-progress", action="store_true")
     msub.add_parser("list", help="list models and built versions")
+    add = msub.add_parser("add", help="declare a local Hugging Face checkpoint folder, then build it")
+    add.add_argument("path", help="checkpoint folder (config.json, model.safetensors, tokenizer.json)")
+    add.add_argument("--name", required=True)
+    add.add_argument("--pooling", choices=["mean", "cls"], default=None, help="default: from 1_Pooling/config.json, else mean")
+    add.add_argument("--query-prefix", default="")
+    add.add_argument("--passage-prefix", default="")
+    add.add_argument("--allow-pickle", action="store_true", help="accept pickle .bin weights (unsafe: runs code on load)")
+    add.add_argument("--force", action="store_true")
+    add.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None)
+    add.add_argument("--no-progress", action="store_true")
     models.set_defaults(func=_models)
     return root
 

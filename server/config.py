@@ -52,6 +52,9 @@ class ServerConfig:
     collections_dir: Path = Path("var/collections")
     rome_collection: bool = True  # index the ROME catalogue into collection "rome" at start
     progress: bool = True  # progress bars for first-start indexing
+    metrics: bool = True  # Prometheus endpoint on its own port
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9100  # 0 picks a free port
     batching: BatcherConfig = field(default_factory=BatcherConfig)
     backend: OnnxBackendConfig = field(default_factory=OnnxBackendConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)

@@ -33,7 +33,7 @@ def test_defaults_are_the_documented_values():
     assert (b.max_batch_size, b.max_batch_tokens, b.max_queue_texts, b.max_wait_ms, b.lookahead) == (
         64, 16384, 4096, 1.0, 256,
     )
-    assert (config.backend.device, config.backend.cpu_precision, config.backend.intra_op_threads) == ("auto", "int8", 0)
+    assert (config.backend.device, config.backend.cpu_precision, config.backend.intra_op_threads) == ("auto", "auto", 0)
     lim = config.limits
     assert (lim.max_texts_per_request, lim.max_message_bytes, lim.max_text_chars, lim.stream_window) == (
         1024, 16 * 1024 * 1024, 200_000, 8,

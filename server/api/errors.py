@@ -4,7 +4,7 @@ from __future__ import annotations
 import grpc
 
 from ..batching import BatcherClosedError, DeadlineExceededError, QueueFullError
-from ..index.collection import CollectionExists, CollectionNotFound, InvalidQuery
+from ..index.collection import CollectionExists, CollectionNotFound, CollectionReplaced, InvalidQuery
 from ..modelrepo.repository import ModelNotBuilt, ModelNotFound
 from ..tokenize import TextTooLongError
 
@@ -25,6 +25,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, CollectionExists):
         return grpc.StatusCode.ALREADY_EXISTS, str(exc)
+    if isinstance(exc, CollectionReplaced):
+        return grpc.StatusCode.ABORTED, str(exc)
     if isinstance(exc, InvalidQuery):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, TextTooLongError):

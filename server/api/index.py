@@ -10,13 +10,14 @@ import numpy as np
 from openemploi.v1 import index_pb2, index_pb2_grpc
 
 from ..index.collection import Collection, CollectionManager, CollectionSpec, SearchQuery
+from ..index.reembed import reembed_collection
 from ..index.store import NewDocument, StoredDocument
 from ..index.vectors import IndexParams
 from ..modelrepo.registry import LoadedModel, ModelRegistry
 from ..modelrepo.repository import ModelNotFound
 from ..tokenize import TextKind
 from .embedding import deadline_of
-from .errors import failed_precondition, handle_unary, invalid, register_unary_service
+from .errors import RequestError, failed_precondition, handle_unary, invalid, register_unary_service
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     def __init__(self, manager: CollectionManager, registry: ModelRegistry) -> None:
         self._manager = manager
         self._registry = registry
+        self._reembedding: dict[str, asyncio.Future] = {}
 
     async def _rpc(self, request, context, work, name: str):
         return await handle_unary(request, context, work, log, name)
@@ -194,6 +196,31 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
             )
 
         return await self._rpc(request, context, work, "Search")
+
+
+    async def Reembed(self, request, context):  # noqa: N802
+        async def work():
+            collection = self._manager.get(request.collection)
+            model = self._registry.get(request.model)
+            if (model.name, model.version.version) == (collection.spec.model, collection.spec.model_version):
+                raise invalid(f"collection {request.collection!r} already holds {model.name}/{model.version.version} vectors")
+            if request.collection in self._reembedding:
+                raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"collection {request.collection!r} is already being re-embedded")
+
+            async def embed(texts: list[str]):
+                return (await model.embed(texts, TextKind.PASSAGE, truncate=True)).normalized
+
+            job = asyncio.ensure_future(
+                reembed_collection(
+                    self._manager, request.collection, model.name, model.version.version, model.dim, embed, progress=False
+                )
+            )
+            self._reembedding[request.collection] = job
+            job.add_done_callback(lambda _: self._reembedding.pop(request.collection, None))
+            switched = await asyncio.shield(job)  # a client that goes away does not stop the job
+            return index_pb2.ReembedResponse(collection=collection_info(switched))
+
+        return await self._rpc(request, context, work, "Reembed")
 
 
 def parse_filters(filters) -> tuple[tuple[str, tuple[str, ...]], ...]:

@@ -21,7 +21,7 @@ OUTPUT_NAMES = ["embedding", "pooled"]
 @dataclass(frozen=True)
 class OnnxBackendConfig:
     device: str = "auto"  # auto | cpu | cuda
-    cpu_precision: str = "int8"  # int8 | fp32
+    cpu_precision: str = "auto"  # auto: int8 when the version has it, else fp32 | int8 | fp32 (strict)
     intra_op_threads: int = 0  # 0 = onnxruntime default (one per physical core)
     inter_op_threads: int = 1
     cuda_device_id: int = 0
@@ -29,8 +29,8 @@ class OnnxBackendConfig:
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"backend.device must be auto, cpu or cuda, got {self.device!r}")
-        if self.cpu_precision not in ("int8", "fp32"):
-            raise ValueError(f"backend.cpu_precision must be int8 or fp32, got {self.cpu_precision!r}")
+        if self.cpu_precision not in ("auto", "int8", "fp32"):
+            raise ValueError(f"backend.cpu_precision must be auto, int8 or fp32, got {self.cpu_precision!r}")
         if self.intra_op_threads < 0 or self.inter_op_threads < 0 or self.cuda_device_id < 0:
             raise ValueError("backend thread counts and cuda_device_id must not be negative")
 
@@ -61,6 +61,10 @@ class OnnxEncoder:
             detail = "CUDA provider present and fp16 graph built"
         else:
             precision = config.cpu_precision
+            fallback = ""
+            if precision == "auto":
+                precision = "int8" if "int8" in graphs else "fp32"
+                fallback = "" if precision == "int8" else "; no int8 graph built for this model"
             if precision not in graphs:
                 raise BackendUnavailable(f"no {precision} graph in this model version (have {sorted(graphs)})")
             session_providers = ["CPUExecutionProvider"]
@@ -68,6 +72,7 @@ class OnnxEncoder:
             detail = "no CUDA provider" if not has_cuda else "no fp16 graph built"
             if config.device == "cpu":
                 detail = "device=cpu asked"
+            detail += fallback
         self._session = ort.InferenceSession(str(graphs[precision]), options, providers=session_providers)
         self.info = EncoderInfo("onnx", device, precision, dim, detail)
         log.info("onnx backend: %s %s (%s)", device, precision, detail)

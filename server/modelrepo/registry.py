@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,8 @@ class LoadedModel:
     tokenizer: TextTokenizer
     encoder: Encoder
     batcher: DynamicBatcher
+    users: int = 0  # embed() calls in progress: a version is unloaded only at zero
+    state: str = "current"
 
     @property
     def name(self) -> str:
@@ -52,10 +55,14 @@ class LoadedModel:
         self, texts: list[str], kind: TextKind, truncate: bool = True, deadline: float | None = None
     ) -> EmbedResult:
         """Tokenise in the caller's task (so errors name the text), then queue on the batcher."""
-        started = time.perf_counter()
-        tokens = self.tokenizer.encode(texts, kind, truncate=truncate)
-        tokenize_s = time.perf_counter() - started
-        result = await self.batcher.submit([t.ids for t in tokens], deadline=deadline)
+        self.users += 1
+        try:
+            started = time.perf_counter()
+            tokens = self.tokenizer.encode(texts, kind, truncate=truncate)
+            tokenize_s = time.perf_counter() - started
+            result = await self.batcher.submit([t.ids for t in tokens], deadline=deadline)
+        finally:
+            self.users -= 1
         normalized, pooled = result.outputs
         return EmbedResult(normalized, pooled, tokens, tokenize_s, result.queue_s, result.inference_s, result.batches)
 
@@ -76,7 +83,20 @@ def warm_up(model: LoadedModel) -> None:
             raise RuntimeError(f"model {model.name} warm-up produced {vectors.shape} / non-finite vectors")
 
 
+class ModelInUse(RuntimeError):
+    """Unloading this model would break the default model or a collection."""
+
+
 class ModelRegistry:
+    """Loaded versions by (name, version), the current version of each name, and the default name.
+
+    Swaps are atomic for new traffic: `get` reads one dict entry, and nothing awaits between a
+    caller's `get` and its `embed`, so once `load` switches `current`, no new request reaches the
+    old version; it is unloaded when its in-flight calls reach zero (unless a collection pins it).
+    """
+
+    DRAIN_POLL_S = 0.05
+
     def __init__(
         self,
         repository: ModelRepository,
@@ -84,27 +104,90 @@ class ModelRegistry:
         backend: OnnxBackendConfig,
         default_model: str,
         on_batch=None,
+        pinned: Callable[[], set[tuple[str, str]]] | None = None,
     ) -> None:
         self.repository = repository
         self._batching = batching
         self._backend = backend
         self.default_model = default_model
         self._on_batch = on_batch
+        self._pinned = pinned or (lambda: set())
         self._current: dict[str, LoadedModel] = {}
         self._all: dict[tuple[str, str], LoadedModel] = {}
+        self._retiring: set[asyncio.Task] = set()
+        self._lock = asyncio.Lock()
 
     async def load(self, name: str, version: str = "") -> LoadedModel:
-        built = self.repository.version(name, version) if version else self.repository.latest(name)
-        loop = asyncio.get_running_loop()
-        model = await loop.run_in_executor(None, self._open, built)
-        await model.batcher.start()
-        self._all[(name, built.version)] = model
-        self._current[name] = model
-        log.info(
-            "model ready: %s version %s on %s %s (%s)",
-            name, built.version, model.encoder.info.device, model.encoder.info.precision, model.encoder.info.detail,
-        )
-        return model
+        """Load (or reuse) a version, warm it up, then make it current; the old current drains."""
+        async with self._lock:
+            built = self.repository.version(name, version) if version else self.repository.latest(name)
+            model = self._all.get((name, built.version))
+            if model is None:
+                loop = asyncio.get_running_loop()
+                model = await loop.run_in_executor(None, self._open, built)
+                await model.batcher.start()
+                self._all[(name, built.version)] = model
+            previous = self._current.get(name)
+            model.state = "current"
+            self._current[name] = model  # the switch: new traffic goes to `model` from here on
+            if previous is not None and previous is not model:
+                self._retire(previous)
+            log.info(
+                "model ready: %s version %s on %s %s (%s)",
+                name, built.version, model.encoder.info.device, model.encoder.info.precision, model.encoder.info.detail,
+            )
+            return model
+
+    def _retire(self, model: LoadedModel) -> None:
+        key = (model.name, model.version.version)
+        if key in self._pinned():
+            model.state = "serving"
+            log.info("model %s/%s stays loaded: a collection holds its vectors", *key)
+            return
+        model.state = "draining"
+        task = asyncio.get_running_loop().create_task(self._drain_and_close(model))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _drain_and_close(self, model: LoadedModel) -> None:
+        while model.users or model.batcher.in_flight:
+            await asyncio.sleep(self.DRAIN_POLL_S)
+        key = (model.name, model.version.version)
+        if self._all.get(key) is model and self._current.get(model.name) is not model:
+            del self._all[key]
+            await model.batcher.stop(drain=True)
+            model.encoder.close()
+            log.info("model %s/%s unloaded after draining", *key)
+
+    async def unload(self, name: str, version: str = "") -> list[str]:
+        async with self._lock:
+            targets = [m for (n, v), m in self._all.items() if n == name and (not version or v == version)]
+            if not targets:
+                raise ModelNotFound(f"model {name!r}{' version ' + repr(version) if version else ''} is not loaded")
+            pinned = self._pinned()
+            for model in targets:
+                key = (model.name, model.version.version)
+                if name == self.default_model and self._current.get(name) is model:
+                    raise ModelInUse(f"{name} is the default model; SetDefault to another model first")
+                if key in pinned:
+                    raise ModelInUse(f"collections hold vectors of {key[0]}/{key[1]}; drop or re-embed them first")
+            for model in targets:
+                if self._current.get(name) is model:
+                    del self._current[name]
+                model.state = "draining"
+                task = asyncio.get_running_loop().create_task(self._drain_and_close(model))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
+            return [m.version.version for m in targets]
+
+    def set_default(self, name: str) -> str:
+        if name not in self._current:
+            raise ModelNotFound(f"model {name!r} is not loaded; LoadModel it first (loaded: {sorted(self._current)})")
+        previous, self.default_model = self.default_model, name
+        return previous
+
+    def current(self, name: str) -> LoadedModel | None:
+        return self._current.get(name)
 
     def _open(self, built: ModelVersion) -> LoadedModel:
         tokenizer = TextTokenizer(
@@ -143,10 +226,15 @@ class ModelRegistry:
             raise ModelNotFound(f"model {name!r} is not loaded (loaded: {sorted(self._current)})")
         return model
 
+    def models(self) -> list[LoadedModel]:
+        return list(self._all.values())
+
     def loaded(self) -> list[str]:
         return sorted(f"{n}/{v}" for n, v in self._all)
 
     async def close(self, drain: bool = True) -> None:
+        for task in list(self._retiring):
+            task.cancel()
         for model in list(self._all.values()):
             await model.batcher.stop(drain=drain)
             model.encoder.close()

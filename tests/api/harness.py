@@ -29,7 +29,7 @@ class ServerThread:
     def _record(self, model: str, version: str, stats) -> None:
         self.batch_sizes.append(stats.size)
 
-    def call(self, coro, timeout: float = 180.0):
+    def call(self, coro, timeout: float = 900.0):  # first start may index the ROME catalogue
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def stop(self, grace: float = 5.0) -> None:
@@ -42,6 +42,7 @@ def make_config(**changes) -> ServerConfig:
     base = ServerConfig(
         port=0,
         rome_collection=False,
+        metrics_port=0,
         progress=False,
         collections_dir=Path(tempfile.mkdtemp(prefix="openemploi-test-")),
         model_repository=REPO_ROOT / "models",

@@ -92,7 +92,13 @@ def test_auto_with_cuda_provider_but_no_fp16_graph_falls_back_to_cpu(default_ver
 def test_missing_cpu_precision_graph_raises_naming_what_exists(default_version):
     graphs = {"fp32": default_version.graphs()["fp32"]}
     with pytest.raises(BackendUnavailable, match=r"int8.*fp32"):
-        OnnxEncoder(graphs, default_version.dim, OnnxBackendConfig(device="cpu"))
+        OnnxEncoder(graphs, default_version.dim, OnnxBackendConfig(device="cpu", cpu_precision="int8"))
+
+
+def test_auto_precision_falls_back_to_fp32_when_no_int8_graph_was_built(default_version):
+    graphs = {"fp32": default_version.graphs()["fp32"]}
+    encoder = OnnxEncoder(graphs, default_version.dim, OnnxBackendConfig(device="cpu"))
+    assert encoder.info.precision == "fp32" and "no int8 graph" in encoder.info.detail
 
 
 def test_unknown_device_is_rejected(default_version):

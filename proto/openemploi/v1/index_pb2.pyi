@@ -248,3 +248,17 @@ class SearchResponse(_message.Message):
     model: str
     model_version: str
     def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., explanation: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class ReembedRequest(_message.Message):
+    __slots__ = ("collection", "model")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    model: str
+    def __init__(self, collection: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class ReembedResponse(_message.Message):
+    __slots__ = ("collection",)
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    collection: CollectionInfo
+    def __init__(self, collection: _Optional[_Union[CollectionInfo, _Mapping]] = ...) -> None: ...

@@ -69,6 +69,11 @@ class IndexServiceStub:
                 request_serializer=openemploi_dot_v1_dot_index__pb2.SearchRequest.SerializeToString,
                 response_deserializer=openemploi_dot_v1_dot_index__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.Reembed = channel.unary_unary(
+                '/openemploi.v1.IndexService/Reembed',
+                request_serializer=openemploi_dot_v1_dot_index__pb2.ReembedRequest.SerializeToString,
+                response_deserializer=openemploi_dot_v1_dot_index__pb2.ReembedResponse.FromString,
+                _registered_method=True)
 
 
 class IndexServiceServicer:
@@ -116,6 +121,14 @@ class IndexServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reembed(self, request, context):
+        """Re-embed every document with another model into a new index, in the background, then switch.
+        Searches use the old vectors until the switch; writes made meanwhile are carried over.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IndexServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +166,11 @@ def add_IndexServiceServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=openemploi_dot_v1_dot_index__pb2.SearchRequest.FromString,
                     response_serializer=openemploi_dot_v1_dot_index__pb2.SearchResponse.SerializeToString,
+            ),
+            'Reembed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reembed,
+                    request_deserializer=openemploi_dot_v1_dot_index__pb2.ReembedRequest.FromString,
+                    response_serializer=openemploi_dot_v1_dot_index__pb2.ReembedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +362,33 @@ class IndexService:
             '/openemploi.v1.IndexService/Search',
             openemploi_dot_v1_dot_index__pb2.SearchRequest.SerializeToString,
             openemploi_dot_v1_dot_index__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reembed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openemploi.v1.IndexService/Reembed',
+            openemploi_dot_v1_dot_index__pb2.ReembedRequest.SerializeToString,
+            openemploi_dot_v1_dot_index__pb2.ReembedResponse.FromString,
             options,
             channel_credentials,
             insecure,

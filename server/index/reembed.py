@@ -1,0 +1,96 @@
+"""Re-embed a collection with another model in the background, then switch atomically.
+
+Searches keep using the old index until the new one has every document; writes that land
+meanwhile are copied over (the last, small delta under the old collection's write lock), so
+no acknowledged change is lost and a search never mixes vectors of two models.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .collection import Collection, CollectionManager, CollectionSpec, InvalidQuery
+from .store import NewDocument
+
+log = logging.getLogger(__name__)
+
+EmbedTexts = Callable[[list[str]], Awaitable[np.ndarray]]
+BATCH = 256
+FINAL_DELTA = 512  # copy under the write lock once fewer changes than this remain
+
+
+def _next_rows(old: Collection, after: int) -> list:
+    rows = old.store.live_after(after, BATCH)
+    missing = [d.id for d, _ in rows if not d.text.strip()]
+    if missing:
+        raise InvalidQuery(f"documents {missing[:5]} have no text to re-embed (they were upserted as vectors)")
+    return rows
+
+
+def _documents(rows: list, vectors: np.ndarray) -> list[NewDocument]:
+    return [NewDocument(d.id, d.text, vectors[i], d.metadata, tuple(d.skills), lexical) for i, (d, lexical) in enumerate(rows)]
+
+
+async def _copy_since(old: Collection, new: Collection, after: int, embed: EmbedTexts, bar: tqdm) -> int:
+    """Copy live documents changed after sequence `after`; returns the sequence reached."""
+    while rows := await asyncio.to_thread(_next_rows, old, after):
+        vectors = await embed([d.text for d, _ in rows])
+        await asyncio.to_thread(new.upsert, _documents(rows, vectors))
+        after = rows[-1][0].seq
+        bar.update(len(rows))
+    return after
+
+
+def _drop_deleted(old: Collection, new: Collection) -> int:
+    gone = sorted(new.store.live_ids() - old.store.live_ids())
+    return new.delete(gone) if gone else 0
+
+
+async def reembed_collection(
+    manager: CollectionManager, name: str, model: str, model_version: str, dim: int, embed: EmbedTexts, progress: bool = True
+) -> Collection:
+    old = manager.get(name)
+    staging = manager.root / f".reembed-{name}"
+    spec = CollectionSpec(name, model, model_version, dim, old.spec.params)
+    await asyncio.to_thread(_remove, staging)
+    new = await asyncio.to_thread(Collection.create, staging, spec, manager.gpus)
+    bar = tqdm(total=old.size(), desc=f"re-embedding {name}", unit="doc", disable=not progress)
+    try:
+        seen = await _copy_since(old, new, 0, embed, bar)
+        while old.store.last_seq() - seen > FINAL_DELTA:  # catch up with writes made meanwhile
+            seen = await _copy_since(old, new, seen, embed, bar)
+        loop = asyncio.get_running_loop()
+
+        def final_phase() -> Collection:
+            """In one thread, holding the old collection's write lock: writers wait, searches go on."""
+            after = seen
+            with old._write_lock:
+                while rows := _next_rows(old, after):
+                    vectors = asyncio.run_coroutine_threadsafe(embed([d.text for d, _ in rows]), loop).result()
+                    new.upsert(_documents(rows, vectors))
+                    after = rows[-1][0].seq
+                    bar.update(len(rows))
+                _drop_deleted(old, new)
+                new.snapshot()
+                new.store.close()
+                return manager.replace(name, staging)
+
+        switched = await asyncio.to_thread(final_phase)
+    except BaseException:
+        bar.close()
+        await asyncio.to_thread(_remove, staging)
+        raise
+    bar.close()
+    log.info("collection %s re-embedded with %s/%s (%d documents)", name, model, model_version, switched.size())
+    return switched
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

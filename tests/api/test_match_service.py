@@ -1,0 +1,133 @@
+"""MatchService through a real gRPC channel, over the ROME catalogue indexed at start."""
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from openemploi.v1 import index_pb2 as ipb
+from openemploi.v1 import index_pb2_grpc as ipb_grpc
+from openemploi.v1 import match_pb2 as mpb
+from openemploi.v1 import match_pb2_grpc as mpb_grpc
+from server.index.text import terms
+from server.matching.catalogue import entries, load_catalogue
+
+from harness import ServerThread, make_config
+
+
+@pytest.fixture(scope="module")
+def collections_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("rome-collections")
+
+
+@pytest.fixture(scope="module")
+def server(default_version, collections_dir):
+    running = ServerThread(make_config(collections_dir=collections_dir, rome_collection=True))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def channel(server):
+    with grpc.insecure_channel(server.address) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+def match(channel):
+    return mpb_grpc.MatchServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def index(channel):
+    return ipb_grpc.IndexServiceStub(channel)
+
+
+def expect(call, code: grpc.StatusCode) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    assert info.value.code() == code, info.value.details()
+    return info.value.details()
+
+
+def test_rome_collection_is_ready_at_start(index):
+    rome = [c for c in index.ListCollections(ipb.ListCollectionsRequest(), timeout=30).collections if c.name == "rome"]
+    expected = sum(len(entries(o)) for o in load_catalogue())
+    assert rome and rome[0].size == expected
+    assert expected > 1584  # several entries (titles, tasks) per occupation
+
+
+def test_the_baker_is_found_from_a_job_seekers_words(match):
+    response = match.MatchOccupation(mpb.MatchOccupationRequest(text="je fais le pain et les croissants la nuit", k=5), timeout=30)
+    assert "D1102" in [m.code for m in response.matches]
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [("cariste CACES R489", "N1101"), ("aide-soignante en EHPAD", "J1501"), ("Boulanger / Boulangère", "D1102")],
+)
+def test_common_titles_rank_first(match, text, code):
+    response = match.MatchOccupation(mpb.MatchOccupationRequest(text=text, k=3), timeout=30)
+    assert response.matches[0].code == code, [(m.code, m.label) for m in response.matches]
+
+
+def test_matches_carry_their_evidence(match, default_version):
+    text = "Chauffeur poids lourd SPL, transport frigorifique"
+    response = match.MatchOccupation(mpb.MatchOccupationRequest(text=text), timeout=30)
+    assert len(response.matches) == 5  # k = 0 means 5
+    assert response.model == "multilingual-e5-small" and response.model_version == default_version.version
+    scores = [m.score for m in response.matches]
+    assert scores == sorted(scores, reverse=True)
+    query_terms = set(terms(text))
+    for m in response.matches:
+        assert m.label and m.sectors and m.matched_entry
+        assert 0.0 < m.dense_score <= 1.0001
+        assert set(m.matched_terms) <= query_terms
+    assert any(m.lexical_score > 0 and m.matched_terms for m in response.matches)
+
+
+def test_match_occupation_bad_inputs(match):
+    expect(lambda: match.MatchOccupation(mpb.MatchOccupationRequest(text="  "), timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
+    expect(lambda: match.MatchOccupation(mpb.MatchOccupationRequest(text="maçon", k=101), timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
+    expect(lambda: match.MatchOccupation(mpb.MatchOccupationRequest(text="maçon", k=-1), timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def test_match_profile_ranks_items_and_explains_skills(match, index):
+    index.CreateCollection(ipb.CreateCollectionRequest(name="offres-profil"), timeout=30)
+    offers = [
+        ipb.Document(id="a", text="Développeur backend Python pour une plateforme d'emploi", skills=["Python", "SQL", "Docker"], metadata={"ville": "Lyon"}),
+        ipb.Document(id="b", text="Développeur front-end React et TypeScript", skills=["React", "TypeScript", "CSS"], metadata={"ville": "Lyon"}),
+        ipb.Document(id="c", text="Boulanger pour boulangerie artisanale", skills=["panification", "HACCP"], metadata={"ville": "Paris"}),
+    ]
+    index.Upsert(ipb.UpsertRequest(collection="offres-profil", documents=offers), timeout=60)
+    response = match.MatchProfile(
+        mpb.MatchProfileRequest(collection="offres-profil", text="développeuse python, 5 ans d'API web", skills=["python", "sql", "git"], k=3),
+        timeout=30,
+    )
+    top = response.matches[0]
+    assert top.id == "a"
+    assert list(top.matched_skills) == ["Python", "SQL"] and list(top.missing_skills) == ["Docker"]
+    assert top.skill_score == pytest.approx(2 / 3)
+    assert top.score == pytest.approx(0.7 * top.dense_score + 0.3 * top.skill_score, abs=1e-5)
+    filtered = match.MatchProfile(
+        mpb.MatchProfileRequest(collection="offres-profil", text="python", skills=["python"], k=3, filters=[ipb.Filter(field="ville", values=["Paris"])]),
+        timeout=30,
+    )
+    assert [m.id for m in filtered.matches] == ["c"]
+    expect(lambda: match.MatchProfile(mpb.MatchProfileRequest(collection="absente", text="x"), timeout=30), grpc.StatusCode.NOT_FOUND)
+    expect(lambda: match.MatchProfile(mpb.MatchProfileRequest(collection="offres-profil"), timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
+    expect(
+        lambda: match.MatchProfile(mpb.MatchProfileRequest(collection="offres-profil", text="x", skill_weight=2.0), timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+
+
+def test_restart_reuses_the_indexed_catalogue(server, index, collections_dir, default_version):
+    before = [c for c in index.ListCollections(ipb.ListCollectionsRequest(), timeout=30).collections if c.name == "rome"][0]
+    again = ServerThread(make_config(collections_dir=collections_dir, rome_collection=True))
+    try:
+        with grpc.insecure_channel(again.address) as channel:
+            stub = ipb_grpc.IndexServiceStub(channel)
+            after = [c for c in stub.ListCollections(ipb.ListCollectionsRequest(), timeout=30).collections if c.name == "rome"][0]
+    finally:
+        again.stop()
+    assert (after.created_at, after.last_sequence, after.size) == (before.created_at, before.last_sequence, before.size)

@@ -1,0 +1,61 @@
+"""Prometheus metrics scraped over HTTP after real gRPC traffic."""
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from openemploi.v1 import embedding_pb2 as pb
+from openemploi.v1 import embedding_pb2_grpc as pb_grpc
+from openemploi.v1 import index_pb2 as ipb
+from openemploi.v1 import index_pb2_grpc as ipb_grpc
+
+from harness import ServerThread, make_config
+
+
+@pytest.fixture(scope="module")
+def server(default_version, tmp_path_factory):
+    running = ServerThread(make_config(collections_dir=tmp_path_factory.mktemp("metrics-collections")))
+    yield running
+    running.stop()
+
+
+def scrape(server) -> dict[str, list]:
+    port = server.running.metrics_port
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples: dict[str, list] = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(sample)
+    return samples
+
+
+def value(samples, name: str, **labels) -> float:
+    return sum(s.value for s in samples.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_requests_batches_rejections_and_gauges_are_exported(server, default_version):
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        for i in range(3):
+            stub.Embed(pb.EmbedRequest(texts=[f"Plombier {i}", "Électricienne"]), timeout=30)
+        with pytest.raises(grpc.RpcError):
+            stub.Embed(pb.EmbedRequest(), timeout=30)
+        index = ipb_grpc.IndexServiceStub(channel)
+        index.CreateCollection(ipb.CreateCollectionRequest(name="mesures"), timeout=30)
+        index.Upsert(ipb.UpsertRequest(collection="mesures", documents=[ipb.Document(id="a", text="Serveuse")]), timeout=30)
+    samples = scrape(server)
+    assert value(samples, "openemploi_requests_total", rpc="Embed", code="OK") == 3
+    assert value(samples, "openemploi_requests_total", rpc="Embed", code="INVALID_ARGUMENT") == 1
+    assert value(samples, "openemploi_rejected_requests_total", rpc="Embed", reason="invalid_argument") == 1
+    assert value(samples, "openemploi_request_duration_seconds_count", rpc="Embed") == 4
+    model = "multilingual-e5-small"
+    assert value(samples, "openemploi_batch_size_count", model=model) >= 3
+    assert value(samples, "openemploi_batch_size_sum", model=model) >= 7  # 6 texts + 1 upserted document
+    assert value(samples, "openemploi_inference_seconds_count", model=model, version=default_version.version) >= 3
+    assert value(samples, "openemploi_batch_padding_ratio_count", model=model) >= 3
+    assert value(samples, "openemploi_model_loaded", model=model, version=default_version.version, device="cpu", precision="int8") == 1
+    assert value(samples, "openemploi_queue_depth", model=model) == 0
+    assert value(samples, "openemploi_collection_documents", collection="mesures") == 1
