@@ -7,6 +7,9 @@ import tempfile
 import threading
 from pathlib import Path
 
+import grpc
+import pytest
+
 from server.app import RunningServer, start_server
 from server.config import LimitsConfig, ServerConfig
 
@@ -51,3 +54,11 @@ def make_config(**changes) -> ServerConfig:
         limits=LimitsConfig(max_texts_per_request=64, max_message_bytes=MAX_MESSAGE_BYTES, max_text_chars=20_000, stream_window=4),
     )
     return dataclasses.replace(base, **changes)
+
+
+def expect(call, code: grpc.StatusCode) -> str:
+    """Run a stub call that must fail with `code`; return the status details."""
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    assert info.value.code() == code, info.value.details()
+    return info.value.details()

@@ -17,7 +17,7 @@ from server.batching import BatcherConfig
 from server.modelrepo.fidelity import Probe, pad_batch
 from server.tokenize import TextKind, TextTokenizer, TokenizerConfig
 
-from harness import DEFAULT_MODEL, MAX_MESSAGE_BYTES, ServerThread, make_config
+from harness import DEFAULT_MODEL, MAX_MESSAGE_BYTES, ServerThread, expect, make_config
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +49,6 @@ def reference(default_version):
 
 def vectors_of(response: pb.EmbedResponse) -> np.ndarray:
     return np.array([list(e.values) for e in response.embeddings], dtype=np.float32)
-
-
-def expect_status(call, code: grpc.StatusCode) -> str:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    assert info.value.code() == code, info.value.details()
-    return info.value.details()
 
 
 def test_health_is_serving_and_reflection_lists_the_service(server):
@@ -164,7 +157,7 @@ def test_trailing_metadata_carries_request_id_and_stage_timings(stub):
     ids=["empty", "too-long", "unknown-model", "unknown-version", "too-many", "too-many-chars", "bad-kind", "bad-encoding", "too-big"],
 )
 def test_bad_input_gets_a_specific_status(stub, request_, code, needle):
-    details = expect_status(lambda: stub.Embed(request_, timeout=30), code)
+    details = expect(lambda: stub.Embed(request_, timeout=30), code)
     assert needle in details
     assert stub.Embed(pb.EmbedRequest(texts=["toujours là"]), timeout=30).dim == 384
 
@@ -175,7 +168,7 @@ def test_invalid_utf8_is_refused_before_the_model(server, stub):
             "/openemploi.v1.EmbeddingService/Embed", request_serializer=lambda b: b, response_deserializer=lambda b: b
         )
         # field 1 (texts), length 3, bytes that are not UTF-8
-        details = expect_status(lambda: raw(b"\x0a\x03\xff\xfe\xfd", timeout=10), grpc.StatusCode.INVALID_ARGUMENT)
+        details = expect(lambda: raw(b"\x0a\x03\xff\xfe\xfd", timeout=10), grpc.StatusCode.INVALID_ARGUMENT)
     assert "UTF-8" in details
     assert stub.Embed(pb.EmbedRequest(texts=["encore là"]), timeout=30).dim == 384
 
@@ -202,7 +195,7 @@ def test_full_queue_is_refused_at_once(default_version):
     try:
         with grpc.insecure_channel(small.address) as channel:
             stub = pb_grpc.EmbeddingServiceStub(channel)
-            details = expect_status(lambda: stub.Embed(pb.EmbedRequest(texts=["a"] * 5), timeout=30), grpc.StatusCode.RESOURCE_EXHAUSTED)
+            details = expect(lambda: stub.Embed(pb.EmbedRequest(texts=["a"] * 5), timeout=30), grpc.StatusCode.RESOURCE_EXHAUSTED)
             assert "limit 4" in details
             assert len(stub.Embed(pb.EmbedRequest(texts=["a"] * 4), timeout=30).embeddings) == 4
     finally:
@@ -225,6 +218,6 @@ def test_graceful_shutdown_finishes_in_flight_work(default_version):
     draining.stop(grace=60)
     results = [f.result() for f in futures]
     assert all(len(r.embeddings) == 8 for r in results)
-    details = expect_status(lambda: stub.Embed(pb.EmbedRequest(texts=["trop tard"]), timeout=5), grpc.StatusCode.UNAVAILABLE)
+    details = expect(lambda: stub.Embed(pb.EmbedRequest(texts=["trop tard"]), timeout=5), grpc.StatusCode.UNAVAILABLE)
     assert details
     channel.close()

@@ -8,7 +8,7 @@ import pytest
 from openemploi.v1 import index_pb2 as ipb
 from openemploi.v1 import index_pb2_grpc as ipb_grpc
 
-from harness import ServerThread, make_config
+from harness import ServerThread, expect, make_config
 
 DIM = 384
 OFFERS = [
@@ -66,13 +66,6 @@ def random_collection(stub):
     for start in range(0, len(documents), 100):  # stay under the test server's 256 KiB message limit
         stub.Upsert(ipb.UpsertRequest(collection="aleatoire", documents=documents[start : start + 100]), timeout=60)
     return vectors, meta, skills
-
-
-def expect(call, code: grpc.StatusCode) -> str:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    assert info.value.code() == code, info.value.details()
-    return info.value.details()
 
 
 def test_create_list_drop_and_their_errors(stub, default_version):

@@ -11,7 +11,7 @@ from openemploi.v1 import match_pb2_grpc as mpb_grpc
 from server.index.text import terms
 from server.matching.catalogue import entries, load_catalogue
 
-from harness import ServerThread, make_config
+from harness import ServerThread, expect, make_config
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +40,6 @@ def match(channel):
 @pytest.fixture(scope="module")
 def index(channel):
     return ipb_grpc.IndexServiceStub(channel)
-
-
-def expect(call, code: grpc.StatusCode) -> str:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    assert info.value.code() == code, info.value.details()
-    return info.value.details()
 
 
 def test_rome_collection_is_ready_at_start(index):

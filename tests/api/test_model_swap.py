@@ -4,7 +4,6 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
