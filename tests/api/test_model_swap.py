@@ -1,9 +1,11 @@
 """Serving several models and swapping them under load: zero failed requests."""
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -162,3 +164,67 @@ def test_list_models_and_unload_rules(server, default_version):
         with pytest.raises(grpc.RpcError) as gone:
             embed.Embed(pb.EmbedRequest(texts=["x"], model=MINILM), timeout=30)
         assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def link_version(source: Path, target: Path, built_at: str) -> None:
+    """A second version folder of the same build (files linked, manifest re-dated)."""
+    target.mkdir(parents=True)
+    for item in source.iterdir():
+        if item.name != "manifest.json":
+            (target / item.name).symlink_to(item.resolve())
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest.update(version=target.name, built_at=built_at)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_loading_a_new_version_drains_and_unloads_the_old_one(default_version, minilm_version, tmp_path):
+    repo = tmp_path / "models"
+    (repo / E5).mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "models" / E5 / "model.toml", repo / E5 / "model.toml")
+    (repo / E5 / default_version.version).symlink_to(default_version.folder.resolve())
+    (repo / MINILM).mkdir()
+    shutil.copy(REPO_ROOT / "models" / MINILM / "model.toml", repo / MINILM / "model.toml")
+    link_version(minilm_version.folder, repo / MINILM / "v1", "2026-01-01T00:00:00+00:00")
+    running = ServerThread(make_config(collections_dir=tmp_path / "c", model_repository=repo, models=(E5, MINILM)))
+    channel = grpc.insecure_channel(running.address)
+    try:
+        embed = pb_grpc.EmbeddingServiceStub(channel)
+        admin = mpb_grpc.ModelServiceStub(channel)
+        link_version(minilm_version.folder, repo / MINILM / "v2", "2026-02-01T00:00:00+00:00")
+        stop = threading.Event()
+        versions: list[str] = []
+        failures: list[str] = []
+
+        def client() -> None:
+            while not stop.is_set():
+                try:
+                    versions.append(embed.Embed(pb.EmbedRequest(texts=TEXTS[:3], model=MINILM), timeout=60).model_version)
+                except grpc.RpcError as exc:
+                    failures.append(f"{exc.code().name}: {exc.details()}")
+
+        threads = [threading.Thread(target=client) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        while len(versions) < 30:
+            time.sleep(0.01)
+        loaded = admin.LoadModel(mpb.LoadModelRequest(name=MINILM, version="v2"), timeout=120).model
+        assert loaded.current_version == "v2"
+        seen = len(versions)
+        while len(versions) < seen + 60:
+            time.sleep(0.01)
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+        assert failures == []
+        assert versions[0] == "v1" and versions[-1] == "v2"
+        assert versions.index("v2") > versions.index("v1")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # v1 drains, then unloads
+            states = {v.version: v.state for m in admin.ListModels(mpb.ListModelsRequest(), timeout=30).models if m.name == MINILM for v in m.versions}
+            if states.get("v1") == "built":
+                break
+            time.sleep(0.1)
+        assert states == {"v1": "built", "v2": "current"}
+    finally:
+        channel.close()
+        running.stop()
