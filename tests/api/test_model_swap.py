@@ -110,6 +110,8 @@ def test_swapping_models_under_32_clients_fails_no_request(server, default_versi
         thread.join(60)
     channel.close()
 
+    counts = {key: sum(1 for m, v, _, _ in results if (m, v) == key) for key in references}
+    print(f"\nswap under 32 clients: {len(results)} requests, {len(failures)} failed, per version {counts}")
     assert failures == []
     served = {(m, v) for m, v, _, _ in results}
     assert served == set(references), served
@@ -215,6 +217,7 @@ def test_loading_a_new_version_drains_and_unloads_the_old_one(default_version, m
         stop.set()
         for thread in threads:
             thread.join(60)
+        print(f"\nversion swap under 16 clients: {len(versions)} requests ({versions.count('v1')} v1, {versions.count('v2')} v2), {len(failures)} failed")
         assert failures == []
         assert versions[0] == "v1" and versions[-1] == "v2"
         assert versions.index("v2") > versions.index("v1")
