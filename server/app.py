@@ -29,7 +29,7 @@ from .metrics import Gauges, Metrics, MetricsInterceptor
 from .matching.catalogue import load_catalogue
 from .matching.matcher import OccupationMatcher
 from .modelrepo.registry import ModelRegistry
-from .modelrepo.repository import ModelRepository
+from .modelrepo.repository import ModelNotBuilt, ModelNotFound, ModelRepository
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
     try:
         for name in dict.fromkeys((config.default_model,) + tuple(config.models)):
             await registry.load(name)
+        await load_pinned_versions(registry, pinned_versions())
         if config.rome_collection:
             occupations = load_catalogue()
             rome = await ensure_rome_collection(collections, registry.get(), occupations, progress=config.progress)
@@ -135,6 +136,18 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving on %s:%d (models: %s)", config.host, port, ", ".join(registry.loaded()))
     return RunningServer(server, registry, collections, metrics, health_servicer, port, config, metrics_port)
+
+
+async def load_pinned_versions(registry: ModelRegistry, pinned: set[tuple[str, str]]) -> None:
+    """Collections keep working across a model rebuild: load the versions they were embedded with."""
+    for name, version in sorted(pinned):
+        try:
+            registry.get(name, version)
+        except ModelNotFound:
+            try:
+                await registry.load(name, version, make_current=False)
+            except (ModelNotFound, ModelNotBuilt):
+                log.warning("collections hold %s/%s vectors but that version is not built; re-embed them", name, version)
 
 
 async def serve_forever(config: ServerConfig) -> None:

@@ -117,8 +117,11 @@ class ModelRegistry:
         self._retiring: set[asyncio.Task] = set()
         self._lock = asyncio.Lock()
 
-    async def load(self, name: str, version: str = "") -> LoadedModel:
-        """Load (or reuse) a version, warm it up, then make it current; the old current drains."""
+    async def load(self, name: str, version: str = "", make_current: bool = True) -> LoadedModel:
+        """Load (or reuse) a version, warm it up, then make it current; the old current drains.
+
+        make_current=False only loads it beside the current version (for collections pinned to it).
+        """
         async with self._lock:
             built = self.repository.version(name, version) if version else self.repository.latest(name)
             model = self._all.get((name, built.version))
@@ -128,6 +131,9 @@ class ModelRegistry:
                 await model.batcher.start()
                 self._all[(name, built.version)] = model
             previous = self._current.get(name)
+            if not make_current and previous is not None and previous is not model:
+                model.state = "serving"
+                return model
             model.state = "current"
             self._current[name] = model  # the switch: new traffic goes to `model` from here on
             if previous is not None and previous is not model:

@@ -231,3 +231,37 @@ def test_loading_a_new_version_drains_and_unloads_the_old_one(default_version, m
     finally:
         channel.close()
         running.stop()
+
+
+def test_a_restart_after_a_rebuild_keeps_collections_on_their_version(default_version, minilm_version, tmp_path):
+    from openemploi.v1 import index_pb2 as ipb
+    from openemploi.v1 import index_pb2_grpc as ipb_grpc
+
+    repo = tmp_path / "models"
+    (repo / E5).mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "models" / E5 / "model.toml", repo / E5 / "model.toml")
+    (repo / E5 / default_version.version).symlink_to(default_version.folder.resolve())
+    (repo / MINILM).mkdir()
+    shutil.copy(REPO_ROOT / "models" / MINILM / "model.toml", repo / MINILM / "model.toml")
+    link_version(minilm_version.folder, repo / MINILM / "v1", "2026-01-01T00:00:00+00:00")
+    config = make_config(collections_dir=tmp_path / "c", model_repository=repo, models=(E5, MINILM))
+    first = ServerThread(config)
+    try:
+        with grpc.insecure_channel(first.address) as channel:
+            index = ipb_grpc.IndexServiceStub(channel)
+            index.CreateCollection(ipb.CreateCollectionRequest(name="anglais", model=MINILM), timeout=30)
+            index.Upsert(ipb.UpsertRequest(collection="anglais", documents=[ipb.Document(id="b", text="baker"), ipb.Document(id="p", text="plumber")]), timeout=30)
+    finally:
+        first.stop()
+    link_version(minilm_version.folder, repo / MINILM / "v2", "2026-02-01T00:00:00+00:00")  # a rebuild
+    second = ServerThread(config)
+    try:
+        with grpc.insecure_channel(second.address) as channel:
+            index = ipb_grpc.IndexServiceStub(channel)
+            hits = index.Search(ipb.SearchRequest(collection="anglais", text="bread and pastry", k=1), timeout=30).hits
+            assert hits[0].id == "b"
+            admin = mpb_grpc.ModelServiceStub(channel)
+            states = {v.version: v.state for m in admin.ListModels(mpb.ListModelsRequest(), timeout=30).models if m.name == MINILM for v in m.versions}
+            assert states == {"v1": "serving", "v2": "current"}
+    finally:
+        second.stop()
