@@ -150,6 +150,9 @@ class ModelRegistry:
             model.state = "serving"
             log.info("model %s/%s stays loaded: a collection holds its vectors", *key)
             return
+        self._start_draining(model)
+
+    def _start_draining(self, model: LoadedModel) -> None:
         model.state = "draining"
         task = asyncio.get_running_loop().create_task(self._drain_and_close(model))
         self._retiring.add(task)
@@ -180,10 +183,7 @@ class ModelRegistry:
             for model in targets:
                 if self._current.get(name) is model:
                     del self._current[name]
-                model.state = "draining"
-                task = asyncio.get_running_loop().create_task(self._drain_and_close(model))
-                self._retiring.add(task)
-                task.add_done_callback(self._retiring.discard)
+                self._start_draining(model)
             return [m.version.version for m in targets]
 
     def set_default(self, name: str) -> str:

@@ -103,7 +103,9 @@ def _fuse_of_collection(args):
 @settings(max_examples=30, deadline=None, database=None)
 @given(fusion_inputs(duplicates=True, max_len=20))
 def test_same_as_collection_fuse(args):
-    assert_same(fuse_topk_numba(*args), _fuse_of_collection(args))
+    # Collection._fuse calls the numba kernel itself, so compare it with the numpy reference:
+    # this checks the glue (candidate order, exact cosines, ranks), not the kernel against itself.
+    assert_same(fuse_topk_reference(*args), _fuse_of_collection(args))
 
 
 def test_hand_computed_rrf():
