@@ -26,6 +26,7 @@ from .config import ServerConfig
 from .index.collection import CollectionManager
 from .matching.bootstrap import ensure_rome_collection
 from .metrics import Gauges, Metrics, MetricsInterceptor
+from . import security
 from .matching.catalogue import load_catalogue
 from .matching.matcher import OccupationMatcher
 from .modelrepo.registry import ModelRegistry
@@ -72,6 +73,9 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
         ("grpc.max_send_message_length", max(config.limits.max_message_bytes, 64 * 1024 * 1024)),
         ("grpc.so_reuseport", 0),
     ]
+    # Refuse a bad tokens file or certificate before anything listens.
+    auth = security.interceptors(config.security)
+    credentials = security.server_credentials(config.security)
     metrics = Metrics()
 
     def observe_batch(model: str, version: str, stats: BatchStats) -> None:
@@ -79,7 +83,7 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
         if on_batch is not None:
             on_batch(model, version, stats)
 
-    server = grpc.aio.server(options=options, interceptors=[MetricsInterceptor(metrics)])
+    server = grpc.aio.server(options=options, interceptors=[MetricsInterceptor(metrics), *auth])  # metrics outermost: counts refusals too
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("",) + SERVICE_NAMES:
@@ -108,13 +112,13 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
     )
     metrics_port = metrics.serve(config.metrics_host, config.metrics_port) if config.metrics else 0
     add_to_server(EmbeddingServicer(registry, config.limits), server)
-    index_api.add_to_server(index_api.IndexServicer(collections, registry), server)
-    match_servicer = match_api.MatchServicer(collections, registry, None)
+    index_api.add_to_server(index_api.IndexServicer(collections, registry, config.limits), server)
+    match_servicer = match_api.MatchServicer(collections, registry, None, config.limits)
     match_api.add_to_server(match_servicer, server)
     models_api.add_to_server(models_api.ModelServicer(registry), server)
     if config.reflection:
         reflection.enable_server_reflection(SERVICE_NAMES + (reflection.SERVICE_NAME, health.SERVICE_NAME), server)
-    port = server.add_insecure_port(config.address)
+    port = security.bind(server, config.address, credentials)
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.address}")
     await server.start()

@@ -1,9 +1,10 @@
-"""`openemploi` command line: serve, embed (a gRPC client), models build/list."""
+"""`openemploi` command line: serve, embed (a gRPC client), health, collections, models, tokens."""
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,8 +24,55 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"openemploi: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_json)
-    asyncio.run(serve_forever(config))
+    try:
+        asyncio.run(serve_forever(config))
+    except ConfigError as exc:  # tokens file or TLS files, read at start
+        print(f"openemploi: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+TOKEN_ENV = "OPENEMPLOI_TOKEN"
+
+
+def _read(path: str | None, what: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SystemExit(f"openemploi: cannot read {what} {path}: {exc.strerror or exc}") from exc
+
+
+def _channel(args: argparse.Namespace):
+    """A channel to a running server: TLS when --tls-ca is given (plus a client certificate for mTLS)."""
+    import grpc
+
+    ca = _read(args.tls_ca, "--tls-ca")
+    if ca is None:
+        if args.tls_cert or args.tls_key:
+            raise SystemExit("openemploi: --tls-cert/--tls-key need --tls-ca (the CA that signed the server certificate)")
+        return grpc.insecure_channel(args.address)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("openemploi: --tls-cert and --tls-key go together")
+    credentials = grpc.ssl_channel_credentials(ca, _read(args.tls_key, "--tls-key"), _read(args.tls_cert, "--tls-cert"))
+    options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
+    return grpc.secure_channel(args.address, credentials, options=options)
+
+
+def _auth(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """Call metadata with the bearer token of --token or $OPENEMPLOI_TOKEN (plaintext or TLS alike)."""
+    token = args.token or os.environ.get(TOKEN_ENV)
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def _add_client_flags(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--address", default="127.0.0.1:50051")
+    command.add_argument("--token", default=None, help=f"bearer token (default: ${TOKEN_ENV})")
+    command.add_argument("--tls-ca", default=None, help="PEM CA of the server certificate: connect with TLS")
+    command.add_argument("--tls-cert", default=None, help="PEM client certificate (mTLS)")
+    command.add_argument("--tls-key", default=None, help="PEM key of --tls-cert")
+    command.add_argument("--tls-server-name", default=None, help="name to check in the server certificate (default: the host)")
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -34,10 +82,10 @@ def _embed(args: argparse.Namespace) -> int:
 
     kind = embedding_pb2.QUERY if args.kind == "query" else embedding_pb2.PASSAGE
     request = embedding_pb2.EmbedRequest(texts=args.texts, model=args.model, kind=kind, truncate=args.truncate)
-    with grpc.insecure_channel(args.address) as channel:
+    with _channel(args) as channel:
         stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
         try:
-            response = stub.Embed(request, timeout=args.timeout)
+            response = stub.Embed(request, timeout=args.timeout, metadata=_auth(args))
         except grpc.RpcError as exc:
             print(f"openemploi: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -54,14 +102,14 @@ def _collections(args: argparse.Namespace) -> int:
 
     from openemploi.v1 import index_pb2, index_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    with _channel(args) as channel:
         stub = index_pb2_grpc.IndexServiceStub(channel)
         try:
             if args.collections_command == "list":
-                infos = stub.ListCollections(index_pb2.ListCollectionsRequest(), timeout=30).collections
+                infos = stub.ListCollections(index_pb2.ListCollectionsRequest(), timeout=30, metadata=_auth(args)).collections
             else:
                 print(f"re-embedding {args.name} with {args.model or 'the default model'} (the server logs progress)...", file=sys.stderr)
-                infos = [stub.Reembed(index_pb2.ReembedRequest(collection=args.name, model=args.model), timeout=args.timeout).collection]
+                infos = [stub.Reembed(index_pb2.ReembedRequest(collection=args.name, model=args.model), timeout=args.timeout, metadata=_auth(args)).collection]
         except grpc.RpcError as exc:
             print(f"openemploi: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -75,16 +123,40 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    with _channel(args) as channel:
         try:
             status = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout, metadata=_auth(args)
             ).status
         except grpc.RpcError as exc:
-            print(f"openemploi: health check failed: {exc.code().name}", file=sys.stderr)
+            print(f"openemploi: health check failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     print(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
     return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+TOKENS_FILE_ENV = "OPENEMPLOI_SECURITY_TOKENS_FILE"
+
+
+def _tokens(args: argparse.Namespace) -> int:
+    from .security import TokenStore, append_token
+
+    path = args.file or os.environ.get(TOKENS_FILE_ENV)
+    if not path:
+        print(f"openemploi: give --file or set {TOKENS_FILE_ENV}", file=sys.stderr)
+        return 2
+    try:
+        if args.tokens_command == "list":
+            for token in TokenStore.load(Path(path), allow_empty=True).tokens:
+                print(f"{token.name}\t{','.join(sorted(token.scopes))}")
+            return 0
+        token = append_token(Path(path), args.name, args.scopes.split(","))
+    except ConfigError as exc:
+        print(f"openemploi: {exc}", file=sys.stderr)
+        return 2
+    print(f"# token {args.name!r} added to {path}; it is shown only this once (the file keeps its SHA-256)", file=sys.stderr)
+    print(token)
+    return 0
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -137,7 +209,7 @@ def parser() -> argparse.ArgumentParser:
 
     embed = sub.add_parser("embed", help="embed texts through a running server")
     embed.add_argument("texts", nargs="+")
-    embed.add_argument("--address", default="127.0.0.1:50051")
+    _add_client_flags(embed)
     embed.add_argument("--kind", choices=["query", "passage"], default="passage")
     embed.add_argument("--model", default="")
     embed.add_argument("--truncate", action="store_true")
@@ -145,7 +217,7 @@ def parser() -> argparse.ArgumentParser:
     embed.set_defaults(func=_embed)
 
     collections = sub.add_parser("collections", help="list or re-embed the collections of a running server")
-    collections.add_argument("--address", default="127.0.0.1:50051")
+    _add_client_flags(collections)
     csub = collections.add_subparsers(dest="collections_command", required=True)
     csub.add_parser("list", help="list collections")
     reembed = csub.add_parser("reembed", help="re-embed a collection with another model, then switch")
@@ -155,7 +227,7 @@ def parser() -> argparse.ArgumentParser:
     collections.set_defaults(func=_collections)
 
     health = sub.add_parser("health", help="check a running server's gRPC health (exit 0 when SERVING)")
-    health.add_argument("--address", default="127.0.0.1:50051")
+    _add_client_flags(health)
     health.add_argument("--service", default="")
     health.add_argument("--timeout", type=float, default=3.0)
     health.set_defaults(func=_health)
@@ -180,6 +252,16 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None)
     add.add_argument("--no-progress", action="store_true")
     models.set_defaults(func=_models)
+
+    tokens = sub.add_parser("tokens", help="bearer tokens of the tokens file (security.tokens_file)")
+    tsub = tokens.add_subparsers(dest="tokens_command", required=True)
+    new = tsub.add_parser("new", help="make a token, append its SHA-256 to the file, print the token once")
+    new.add_argument("--name", required=True, help="shown in logs instead of the token")
+    new.add_argument("--scopes", required=True, help="comma-separated: embed, search, ingest, admin (admin implies all)")
+    listing = tsub.add_parser("list", help="names and scopes (the file holds no tokens, only their hashes)")
+    for command in (new, listing):
+        command.add_argument("--file", default=None, help=f"tokens file (default: ${TOKENS_FILE_ENV})")
+    tokens.set_defaults(func=_tokens)
     return root
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backends.onnx import OnnxBackendConfig
+from .backends.options import BackendConfig
 from .batching import BatcherConfig
 
 ENV_PREFIX = "OPENEMPLOI_"
@@ -25,17 +26,44 @@ class ConfigError(ValueError):
     pass
 
 
+INDEX_MAX_K = 2048  # server.index.vectors.MAX_K, not imported here (it pulls in faiss); a test keeps them equal
+
+
 @dataclass(frozen=True)
 class LimitsConfig:
     max_texts_per_request: int = 1024
     max_message_bytes: int = 16 * 1024 * 1024
     max_text_chars: int = 200_000
     stream_window: int = 8  # requests of one EmbedStream processed concurrently
+    max_k: int = 2048  # results per Search / MatchProfile (MatchOccupation: at most 100)
+    max_stream_requests: int = 100_000  # requests in one EmbedStream call; open a new stream beyond
+    max_upsert_documents: int = 4096  # documents in one Upsert
 
     def __post_init__(self) -> None:
-        for name in ("max_texts_per_request", "max_message_bytes", "max_text_chars", "stream_window"):
+        for name in (
+            "max_texts_per_request", "max_message_bytes", "max_text_chars", "stream_window",
+            "max_k", "max_stream_requests", "max_upsert_documents",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"limits.{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_k > INDEX_MAX_K:
+            raise ValueError(f"limits.max_k must be at most {INDEX_MAX_K} (the index searches no deeper), got {self.max_k}")
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """TLS and bearer tokens; all unset means a plaintext, open server (start logs a warning)."""
+
+    tokens_file: Path | None = None  # TOML [[tokens]] entries (name, sha256, scopes); set: every RPC but health needs a token
+    tls_cert: Path | None = None  # PEM server certificate chain
+    tls_key: Path | None = None  # PEM private key of tls_cert
+    tls_client_ca: Path | None = None  # PEM CA bundle: clients must present a certificate it signed (mTLS)
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("security.tls_cert and security.tls_key go together: set both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("security.tls_client_ca (mTLS) needs TLS: set security.tls_cert and security.tls_key")
 
 
 @dataclass(frozen=True)
@@ -56,8 +84,9 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9100  # 0 picks a free port
     batching: BatcherConfig = field(default_factory=BatcherConfig)
-    backend: OnnxBackendConfig = field(default_factory=OnnxBackendConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     @property
     def address(self) -> str:
@@ -66,6 +95,10 @@ class ServerConfig:
 
 def _coerce(value: object, annotation: object, key: str) -> object:
     origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(options) == 1 and type(None) in typing.get_args(annotation):  # X | None: "" means unset
+            return None if value is None or value == "" else _coerce(value, options[0], key)
     try:
         if annotation is bool:
             if isinstance(value, bool):

@@ -289,11 +289,27 @@ def test_invalid_backend_values_are_rejected(key, value, match):
         load_config(None, env={key: value})
 
 
-@pytest.mark.parametrize("field", ["stream_window", "max_texts_per_request", "max_text_chars", "max_message_bytes"])
+@pytest.mark.parametrize(
+    "field",
+    [
+        "stream_window", "max_texts_per_request", "max_text_chars", "max_message_bytes",
+        "max_k", "max_stream_requests", "max_upsert_documents",
+    ],
+)
 def test_zero_limits_are_rejected(tmp_path, field):
     """stream_window = 0 would make EmbedStream pop an empty window."""
     with pytest.raises(ConfigError, match=field):
         load_config(write(tmp_path, f"[limits]\n{field} = 0\n"), env={})
+
+
+def test_max_k_cannot_exceed_what_the_index_searches():
+    from server.config import INDEX_MAX_K
+    from server.index.vectors import MAX_K
+
+    assert INDEX_MAX_K == MAX_K
+    assert load_config(None, env={}).limits.max_k == MAX_K
+    with pytest.raises(ConfigError, match="limits.max_k must be at most"):
+        load_config(None, env={"OPENEMPLOI_LIMITS_MAX_K": str(MAX_K + 1)})
 
 
 def test_directory_as_config_file_raises_config_error(tmp_path):

@@ -73,7 +73,8 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         limit = self._limits.max_texts_per_request
         if n > limit:
             raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"{n} texts in one request, over the limit of {limit}; split the request"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{n} texts in one request, over the limit of {limit} (limits.max_texts_per_request); split the request",
             )
         if request.kind not in _KINDS:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown kind {request.kind}; use QUERY or PASSAGE")
@@ -84,7 +85,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             if len(text) > max_chars:
                 raise RequestError(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"texts[{index}] has {len(text)} characters, over the limit of {max_chars}",
+                    f"texts[{index}] has {len(text)} characters, over the limit of {max_chars} (limits.max_text_chars)",
                 )
 
     async def embed(self, request, deadline: float | None) -> tuple[embedding_pb2.EmbedResponse, Timings]:
@@ -126,7 +127,8 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
 
     async def EmbedStream(self, request_iterator, context: grpc.aio.ServicerContext) -> AsyncIterator:  # noqa: N802
         """Up to `stream_window` requests run at once; we stop reading while the window is full,
-        so HTTP/2 flow control pushes back on a fast producer."""
+        so HTTP/2 flow control pushes back on a fast producer. One call takes at most
+        `max_stream_requests` requests: the answers to those come back, then RESOURCE_EXHAUSTED."""
         rid = request_id(context)
         deadline = deadline_of(context)
         window: deque[tuple[int, asyncio.Task]] = deque()
@@ -149,6 +151,15 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
 
         try:
             async for request in request_iterator:
+                if sequence >= self._limits.max_stream_requests:
+                    while window:
+                        yield await settle(*window.popleft())
+                    context.set_trailing_metadata((("x-request-id", rid),))
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"more than {self._limits.max_stream_requests} requests in one EmbedStream "
+                        "(limits.max_stream_requests); open a new stream for the rest",
+                    )
                 window.append((sequence, asyncio.create_task(run(request))))
                 sequence += 1
                 while len(window) >= self._limits.stream_window:

@@ -8,22 +8,28 @@ import grpc
 
 from openemploi.v1 import match_pb2, match_pb2_grpc
 
+from ..config import LimitsConfig
 from ..index.collection import CollectionManager
 from ..matching.matcher import OccupationMatcher, match_profile
 from ..modelrepo.registry import ModelRegistry
 from ..tokenize import TextKind
 from .embedding import deadline_of
 from .errors import handle_unary, invalid, register_unary_service
-from .index import collection_model, parse_filters
+from .index import check_k, check_text_chars, collection_model, parse_filters
 
 log = logging.getLogger(__name__)
-MAX_TEXT_CHARS = 20_000
+MAX_TEXT_CHARS = 20_000  # MatchOccupation: a job description or CV line, not a document
+MAX_OCCUPATIONS_K = 100  # MatchOccupation: more than 100 ROME codes is no longer a match
 
 
 class MatchServicer(match_pb2_grpc.MatchServiceServicer):
-    def __init__(self, manager: CollectionManager, registry: ModelRegistry, occupations: OccupationMatcher | None) -> None:
+    def __init__(
+        self, manager: CollectionManager, registry: ModelRegistry, occupations: OccupationMatcher | None,
+        limits: LimitsConfig = LimitsConfig(),
+    ) -> None:
         self._manager = manager
         self._registry = registry
+        self._limits = limits
         self.occupations = occupations  # set once the ROME collection is indexed
 
     async def _rpc(self, request, context, work, name: str):
@@ -39,13 +45,18 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
             if self.occupations is None:
                 raise invalid("this server runs without the ROME catalogue (rome_collection = false)")
             k = request.k or 5
-            if not 1 <= k <= 100:
-                raise invalid(f"k must be between 1 and 100, got {request.k}")
+            k_limit = min(MAX_OCCUPATIONS_K, self._limits.max_k)
+            if not 1 <= k <= k_limit:
+                raise invalid(f"k must be between 1 and {k_limit} (MatchOccupation: at most {MAX_OCCUPATIONS_K}; limits.max_k), got {request.k}")
             text = request.text.strip()
             if not text:
                 raise invalid("text is empty: describe a job, a CV line or an offer")
-            if len(text) > MAX_TEXT_CHARS:
-                raise invalid(f"text has {len(text)} characters, over the limit of {MAX_TEXT_CHARS}")
+            chars = min(MAX_TEXT_CHARS, self._limits.max_text_chars)
+            if len(text) > chars:
+                raise invalid(
+                    f"text has {len(text)} characters, over the limit of {chars} "
+                    f"(MatchOccupation: at most {MAX_TEXT_CHARS}; limits.max_text_chars)"
+                )
             collection = self.occupations.collection
             vector = await self._embed_query(collection, text, context)
             scores = await asyncio.to_thread(self.occupations.match, text, vector, k)
@@ -68,8 +79,8 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
         async def work():
             collection = self._manager.get(request.collection)
             k = request.k or 10
-            if not 1 <= k <= 2048:
-                raise invalid(f"k must be between 1 and 2048, got {request.k}")
+            check_k(k, self._limits.max_k, request.k)
+            check_text_chars("text", request.text, self._limits)
             weight = request.skill_weight or 0.3
             if not 0.0 <= weight <= 1.0:
                 raise invalid(f"skill_weight must be within [0, 1], got {request.skill_weight}")

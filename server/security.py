@@ -1,0 +1,290 @@
+"""Who may call what: bearer tokens with scopes (a gRPC server interceptor) and TLS credentials.
+
+Tokens are never stored: the tokens file keeps the SHA-256 of each one, so a leaked file grants
+nothing. A presented token is hashed and compared with every stored hash in constant time.
+Health and reflection stay open so probes and grpcurl work without a secret. An RPC that has
+no entry in RPC_SCOPES is refused: a new method is closed until someone decides who may call it.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import tomllib
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health
+from grpc_reflection.v1alpha import reflection
+
+from .config import ConfigError, SecurityConfig
+
+log = logging.getLogger(__name__)
+
+EMBED, SEARCH, INGEST, ADMIN = "embed", "search", "ingest", "admin"
+SCOPES = (EMBED, SEARCH, INGEST, ADMIN)  # admin implies every other scope
+
+RPC_SCOPES: Mapping[str, str] = {
+    "/openemploi.v1.EmbeddingService/Embed": EMBED,
+    "/openemploi.v1.EmbeddingService/EmbedStream": EMBED,
+    "/openemploi.v1.IndexService/Search": SEARCH,
+    "/openemploi.v1.IndexService/Get": SEARCH,
+    "/openemploi.v1.IndexService/ListCollections": SEARCH,
+    "/openemploi.v1.MatchService/MatchOccupation": SEARCH,
+    "/openemploi.v1.MatchService/MatchProfile": SEARCH,
+    "/openemploi.v1.ModelService/ListModels": SEARCH,
+    "/openemploi.v1.IndexService/Upsert": INGEST,
+    "/openemploi.v1.IndexService/Delete": INGEST,
+    "/openemploi.v1.IndexService/CreateCollection": ADMIN,
+    "/openemploi.v1.IndexService/DropCollection": ADMIN,
+    "/openemploi.v1.IndexService/Reembed": ADMIN,
+    "/openemploi.v1.ModelService/LoadModel": ADMIN,
+    "/openemploi.v1.ModelService/UnloadModel": ADMIN,
+    "/openemploi.v1.ModelService/SetDefault": ADMIN,
+}
+OPEN_SERVICES = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection"})
+
+TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MISSING_TOKEN = "missing bearer token: send metadata 'authorization: Bearer <token>'"
+
+
+class TokenFileError(ConfigError):
+    """The tokens file cannot be used; the message says which entry and why."""
+
+
+@dataclass(frozen=True)
+class Token:
+    name: str
+    sha256: bytes
+    scopes: frozenset[str]
+
+    def allows(self, scope: str) -> bool:
+        return ADMIN in self.scopes or scope in self.scopes
+
+
+def token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def parse_scopes(scopes: Iterable[str], where: str) -> frozenset[str]:
+    parsed = frozenset(s.strip() for s in scopes if s.strip())
+    unknown = sorted(parsed - set(SCOPES))
+    if unknown:
+        raise TokenFileError(f"{where}: unknown scope {unknown[0]!r} (known: {', '.join(SCOPES)})")
+    if not parsed:
+        raise TokenFileError(f"{where}: no scopes (known: {', '.join(SCOPES)})")
+    return parsed
+
+
+class TokenStore:
+    """The tokens of one file, looked up by hashing the presented token."""
+
+    def __init__(self, tokens: Sequence[Token]) -> None:
+        self.tokens = tuple(tokens)
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> TokenStore:
+        """Read `[[tokens]] name, sha256, scopes` entries; every mistake is a TokenFileError naming the entry."""
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise TokenFileError(f"{where}: not valid TOML ({exc})") from exc
+        unknown = set(data) - {"tokens"}
+        if unknown:
+            raise TokenFileError(f"{where}: unknown keys {sorted(unknown)}; the file holds [[tokens]] entries only")
+        entries = data.get("tokens", [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise TokenFileError(f"{where}: 'tokens' must be an array of tables ([[tokens]])")
+        tokens: list[Token] = []
+        names: set[str] = set()
+        digests: set[bytes] = set()
+        for i, entry in enumerate(entries):
+            label = f"{where}: tokens[{i}]"
+            extra = set(entry) - {"name", "sha256", "scopes"}
+            if extra:
+                raise TokenFileError(f"{label}: unknown keys {sorted(extra)} (known: name, sha256, scopes)")
+            name = entry.get("name")
+            if not isinstance(name, str) or not TOKEN_NAME.fullmatch(name):
+                raise TokenFileError(f"{label}: name must be 1-64 characters of A-Z a-z 0-9 . _ -, got {name!r}")
+            label = f"{label} ({name!r})"
+            if name in names:
+                raise TokenFileError(f"{label}: name used twice")
+            hex_digest = entry.get("sha256")
+            if not isinstance(hex_digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", hex_digest):
+                raise TokenFileError(f"{label}: sha256 must be 64 hex characters (the SHA-256 of the token), got {hex_digest!r}")
+            digest = bytes.fromhex(hex_digest)
+            if digest in digests:
+                raise TokenFileError(f"{label}: same sha256 as an earlier entry")
+            scopes = entry.get("scopes")
+            if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+                raise TokenFileError(f"{label}: scopes must be a list of strings, e.g. [\"embed\", \"search\"]")
+            tokens.append(Token(name, digest, parse_scopes(scopes, label)))
+            names.add(name)
+            digests.add(digest)
+        return cls(tokens)
+
+    @classmethod
+    def load(cls, path: Path, allow_empty: bool = False) -> TokenStore:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise TokenFileError(f"security.tokens_file {path}: cannot read it ({exc.strerror or exc})") from exc
+        store = cls.parse(text, f"tokens file {path}")
+        if not store.tokens and not allow_empty:
+            raise TokenFileError(f"tokens file {path} has no [[tokens]] entries: nobody could call; add one with `openemploi tokens new`")
+        return store
+
+    def lookup(self, token: str) -> Token | None:
+        """Compare with every stored hash, without stopping at a match, so timing says nothing about which."""
+        digest = token_digest(token)
+        found = None
+        for entry in self.tokens:
+            if hmac.compare_digest(entry.sha256, digest):
+                found = entry
+        return found
+
+
+def append_token(path: Path, name: str, scopes: Iterable[str]) -> str:
+    """Make a random token, append its hash to `path` (created 0600), return the token (shown once)."""
+    path = Path(path)
+    existing = TokenStore.load(path, allow_empty=True) if path.exists() else TokenStore(())
+    if not TOKEN_NAME.fullmatch(name):
+        raise TokenFileError(f"token name must be 1-64 characters of A-Z a-z 0-9 . _ -, got {name!r}")
+    if any(t.name == name for t in existing.tokens):
+        raise TokenFileError(f"tokens file {path} already has a token named {name!r}")
+    parsed = parse_scopes(scopes, f"token {name!r}")
+    token = secrets.token_urlsafe(32)
+    scope_list = ", ".join('"' + s + '"' for s in SCOPES if s in parsed)  # validated names: no quoting needed
+    entry = f'\n[[tokens]]\nname = "{name}"\nsha256 = "{token_digest(token).hex()}"\nscopes = [{scope_list}]\n'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as out:
+        out.write(entry)
+    return token
+
+
+def _metadata(details: grpc.HandlerCallDetails, key: str) -> str | None:
+    for k, v in details.invocation_metadata or ():
+        if k == key:
+            return v if isinstance(v, str) else v.decode("utf-8", "replace")
+    return None
+
+
+def bearer_token(details: grpc.HandlerCallDetails) -> str | None:
+    """The token of `authorization: Bearer <token>` (scheme case-insensitive), None when absent or malformed."""
+    value = _metadata(details, "authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, request_id: str) -> grpc.RpcMethodHandler:
+    """The same kind of handler, that aborts at once and never parses the request."""
+
+    async def refuse(context: grpc.aio.ServicerContext) -> None:
+        context.set_trailing_metadata((("x-request-id", request_id),))
+        await context.abort(code, message)
+
+    async def unary_response(request_or_iterator, context):
+        await refuse(context)
+
+    async def stream_response(request_or_iterator, context):
+        await refuse(context)
+        yield  # pragma: no cover - abort raises; this makes the function an async generator
+
+    fields = {
+        "unary_unary": unary_response, "stream_unary": unary_response,
+        "unary_stream": stream_response, "stream_stream": stream_response,
+    }
+    for kind, behaviour in fields.items():
+        if getattr(handler, kind) is not None:
+            return handler._replace(**{kind: behaviour}, request_deserializer=None)
+    return handler
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Bearer token -> scope check before any servicer code runs. Logs the token's name, never the token."""
+
+    def __init__(self, store: TokenStore, scopes: Mapping[str, str] = RPC_SCOPES) -> None:
+        self._store = store
+        self._scopes = scopes
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        service = method.lstrip("/").rpartition("/")[0]
+        handler = await continuation(handler_call_details)
+        if handler is None or service in OPEN_SERVICES:
+            return handler
+        rid = _metadata(handler_call_details, "x-request-id") or uuid.uuid4().hex
+        rid = rid[:128]
+        token = bearer_token(handler_call_details)
+        if token is None:
+            code, message, who = grpc.StatusCode.UNAUTHENTICATED, MISSING_TOKEN, None
+        elif (caller := self._store.lookup(token)) is None:
+            code, message, who = grpc.StatusCode.UNAUTHENTICATED, "unknown bearer token", None
+        else:
+            who = caller.name
+            scope = self._scopes.get(method)
+            if scope is None:
+                code = grpc.StatusCode.PERMISSION_DENIED
+                message = f"{method} has no scope in server/security.py RPC_SCOPES; refused for every caller"
+            elif not caller.allows(scope):
+                code = grpc.StatusCode.PERMISSION_DENIED
+                message = f"token {caller.name!r} lacks scope {scope!r}, needed for {method}"
+            else:
+                log.debug("%s called by token %s", method, caller.name, extra={"request_id": rid, "caller": caller.name})
+                return handler
+        log.warning(
+            "%s refused: %s", method, code.name,
+            extra={"request_id": rid, "caller": who or "-", "reason": message},
+        )
+        return _refusing(handler, code, message, rid)
+
+
+def interceptors(config: SecurityConfig) -> list[grpc.aio.ServerInterceptor]:
+    """The auth interceptor when a tokens file is set; a warning and none otherwise. Errors are ConfigErrors."""
+    if config.tokens_file is None:
+        log.warning("security.tokens_file is not set: every RPC is open to anyone who can reach the port")
+        return []
+    store = TokenStore.load(config.tokens_file)
+    log.info("bearer tokens required: %d tokens from %s", len(store.tokens), config.tokens_file)
+    if config.tls_cert is None:
+        log.warning("bearer tokens travel in plaintext: set security.tls_cert and tls_key unless a TLS proxy fronts this port")
+    return [AuthInterceptor(store)]
+
+
+def _read_pem(path: Path, key: str, marker: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"security.{key} {path}: cannot read it ({exc.strerror or exc})") from exc
+    if marker.encode() not in data:
+        raise ConfigError(f"security.{key} {path}: no PEM '{marker}' block in it")
+    return data
+
+
+def server_credentials(config: SecurityConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the PEM files, requiring client certificates when tls_client_ca is set."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    cert = _read_pem(config.tls_cert, "tls_cert", "-----BEGIN CERTIFICATE-----")
+    key = _read_pem(config.tls_key, "tls_key", "PRIVATE KEY-----")
+    client_ca = None
+    if config.tls_client_ca is not None:
+        client_ca = _read_pem(config.tls_client_ca, "tls_client_ca", "-----BEGIN CERTIFICATE-----")
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Listen with TLS when there are credentials; returns the bound port (0: failure)."""
+    if credentials is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, credentials)
