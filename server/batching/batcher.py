@@ -18,6 +18,14 @@ Why the pieces look the way they do:
   between batches under load.
 * Short waits for more texts happen only on an idle backend with concurrent
   traffic; an isolated request pays raw inference latency only.
+* Admission is latency-aware: a ``BatchCostModel`` learns the backend's cost
+  from the batches it runs, and ``submit`` refuses at once (instead of serving
+  late) a request that would wait longer than ``max_queue_delay_ms`` behind the
+  work already queued (``OverloadedError``) or that could not finish before its
+  own deadline (``DeadlineUnmeetableError``).  The same budget caps how long one
+  batch may take, so an admitted request is not stuck behind a huge batch.
+* A long text only shares a batch with texts of comparable length
+  (``max_length_ratio``), so one 512-token text does not pad 63 short ones.
 """
 
 from __future__ import annotations
@@ -34,13 +42,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from server.batching.cost import BatchCostModel
+
 __all__ = [
+    "FREE_PADDING_TOKENS",
     "BatchStats",
     "BatcherClosedError",
     "BatcherConfig",
     "BatcherError",
     "DeadlineExceededError",
+    "DeadlineUnmeetableError",
     "DynamicBatcher",
+    "OverloadedError",
     "QueueFullError",
     "RunBatch",
     "SubmitResult",
@@ -60,6 +73,10 @@ over batches padded to different lengths.
 
 
 # --------------------------------------------------------------------------- config / errors
+
+
+FREE_PADDING_TOKENS = 64
+"""Texts up to this long always share batches (``max_length_ratio`` does not apply): padding them costs little."""
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -85,6 +102,28 @@ class BatcherConfig:
     lookahead: int = 256
     """How many of the oldest queued texts are considered when grouping by length."""
     pad_token_id: int = 0
+    max_queue_delay_ms: float = 0.0
+    """Latency budget for queueing; 0 = off (refuse by ``max_queue_texts`` and deadlines only).
+
+    When set, a request whose estimated wait behind the queued work exceeds it
+    (or the request's own estimated run time, when longer) is refused at once
+    with ``OverloadedError`` (RESOURCE_EXHAUSTED), and a batch is not grown past
+    this estimated duration, so an admitted request waits about one budget and
+    then runs in a batch of about one budget.  The own-run-time floor means
+    waiting at most doubles a request's unloaded latency on slow hardware, and
+    keeps a large request from being refused forever behind small ones.  Off by default
+    because the right value differs tenfold between a 2-core CPU (a short query
+    alone takes 10-30 ms) and a GPU (2-5 ms), and a value too small for the
+    hardware refuses bursts it could absorb; set it to about the unloaded p50 of
+    a typical request on the serving hardware (see benchmarks/overload.py).
+    """
+    max_length_ratio: float = 2.0
+    """A batch's longest text is at most this many times its shortest (inf = off).
+
+    Texts of up to ``FREE_PADDING_TOKENS`` tokens are exempt.  Keeps one long
+    text from padding short ones to its width: 63 short queries padded to 512
+    tokens cost as much as 32 times their real work.
+    """
 
     def __post_init__(self) -> None:
         _check_int("max_batch_size", self.max_batch_size, 1)
@@ -97,6 +136,16 @@ class BatcherConfig:
             raise ValueError(f"BatcherConfig.max_wait_ms must be a number, got {wait!r}")
         if not math.isfinite(wait) or wait < 0:
             raise ValueError(f"BatcherConfig.max_wait_ms must be finite and >= 0, got {wait}")
+        delay = self.max_queue_delay_ms
+        if isinstance(delay, bool) or not isinstance(delay, (int, float, np.integer, np.floating)):
+            raise ValueError(f"BatcherConfig.max_queue_delay_ms must be a number, got {delay!r}")
+        if not math.isfinite(delay) or delay < 0:
+            raise ValueError(f"BatcherConfig.max_queue_delay_ms must be finite and >= 0, got {delay}")
+        ratio = self.max_length_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.integer, np.floating)):
+            raise ValueError(f"BatcherConfig.max_length_ratio must be a number, got {ratio!r}")
+        if math.isnan(ratio) or ratio < 1:
+            raise ValueError(f"BatcherConfig.max_length_ratio must be >= 1 (inf = off), got {ratio}")
         if self.lookahead < self.max_batch_size:
             raise ValueError(
                 f"BatcherConfig.lookahead ({self.lookahead}) must be >= max_batch_size "
@@ -112,8 +161,26 @@ class QueueFullError(BatcherError):
     """The queue cannot take all texts of a request right now (back-pressure; retryable)."""
 
 
+class OverloadedError(QueueFullError):
+    """The work queued ahead would make the request wait longer than ``max_queue_delay_ms``."""
+
+    def __init__(self, message: str, estimated_wait_s: float, limit_s: float) -> None:
+        super().__init__(message)
+        self.estimated_wait_s = estimated_wait_s
+        self.limit_s = limit_s
+
+
 class DeadlineExceededError(BatcherError):
     """The request's deadline passed before all its texts started inference."""
+
+
+class DeadlineUnmeetableError(DeadlineExceededError):
+    """Refused at submit: the estimated completion time is past the request's deadline."""
+
+    def __init__(self, message: str, estimated_s: float, remaining_s: float) -> None:
+        super().__init__(message)
+        self.estimated_s = estimated_s
+        self.remaining_s = remaining_s
 
 
 class BatcherClosedError(BatcherError):
@@ -155,7 +222,17 @@ class SubmitResult:
 # --------------------------------------------------------------------------- pure helpers
 
 
-def plan_batch(lengths: Sequence[int], max_batch_size: int, max_batch_tokens: int) -> list[int]:
+def _lengths_compatible(shortest: int, longest: int, max_length_ratio: float) -> bool:
+    """Whether texts of these lengths may share a batch (see ``BatcherConfig.max_length_ratio``)."""
+    return longest <= FREE_PADDING_TOKENS or longest <= max_length_ratio * shortest
+
+
+def plan_batch(
+    lengths: Sequence[int],
+    max_batch_size: int,
+    max_batch_tokens: int,
+    max_length_ratio: float = math.inf,
+) -> list[int]:
     """Choose which texts of a window form the next batch.
 
     ``lengths[0]`` must be the OLDEST text: it is always chosen, so nothing
@@ -163,8 +240,9 @@ def plan_batch(lengths: Sequence[int], max_batch_size: int, max_batch_tokens: in
     text to its neighbours in length order, each step taking the neighbour that
     adds the least padding (a shorter text pads itself up to the current max, a
     longer one pads every row already chosen), while respecting
-    ``max_batch_size`` and ``max_batch_tokens`` (max length * count).
-    Returns indices into ``lengths`` (unordered).
+    ``max_batch_size``, ``max_batch_tokens`` (max length * count) and
+    ``max_length_ratio`` (longest / shortest, for texts over
+    ``FREE_PADDING_TOKENS``).  Returns indices into ``lengths`` (unordered).
     """
     n = len(lengths)
     if n == 0:
@@ -181,11 +259,16 @@ def plan_batch(lengths: Sequence[int], max_batch_size: int, max_batch_tokens: in
     while count < max_batch_size:
         best_side = 0
         best_waste = -1
-        if lo > 0 and max_len * (count + 1) <= max_batch_tokens:
+        min_len = lengths[order[lo]]
+        if (
+            lo > 0
+            and max_len * (count + 1) <= max_batch_tokens
+            and _lengths_compatible(lengths[order[lo - 1]], max_len, max_length_ratio)
+        ):
             best_side, best_waste = -1, max_len - lengths[order[lo - 1]]
         if hi < n - 1:
             longer = lengths[order[hi + 1]]  # >= max_len: order[hi] is the longest chosen
-            if longer * (count + 1) <= max_batch_tokens:
+            if longer * (count + 1) <= max_batch_tokens and _lengths_compatible(min_len, longer, max_length_ratio):
                 waste = (longer - max_len) * count
                 if best_side == 0 or waste < best_waste:
                     best_side, best_waste = 1, waste
@@ -221,16 +304,19 @@ class _Request:
     """One submit() call: its future, deadline and the rows collected so far."""
 
     __slots__ = (
-        "future", "n", "deadline", "submitted_at", "unstarted", "completed",
+        "future", "n", "deadline", "submitted_at", "unstarted", "unstarted_tokens", "completed",
         "outputs", "queue_s", "inference_s", "batches", "done", "timer",
     )
 
-    def __init__(self, future: asyncio.Future[SubmitResult], n: int, deadline: float | None, now: float) -> None:
+    def __init__(
+        self, future: asyncio.Future[SubmitResult], n: int, tokens: int, deadline: float | None, now: float
+    ) -> None:
         self.future = future
         self.n = n
         self.deadline = deadline
         self.submitted_at = now
         self.unstarted = n  # texts not yet handed to the worker (they count as "waiting")
+        self.unstarted_tokens = tokens  # their real tokens (for the queued-work estimate)
         self.completed = 0  # texts whose rows have been stored
         self.outputs: list[np.ndarray] | None = None
         self.queue_s = 0.0
@@ -256,10 +342,11 @@ class _Text:
 class _Batch:
     """A formed, padded batch waiting for (or in) the worker."""
 
-    __slots__ = ("texts", "input_ids", "attention_mask", "max_len", "tokens")
+    __slots__ = ("texts", "input_ids", "attention_mask", "max_len", "tokens", "budget")
 
-    def __init__(self, texts: list[_Text], pad_token_id: int) -> None:
+    def __init__(self, texts: list[_Text], pad_token_id: int, budget: int) -> None:
         self.texts = texts
+        self.budget = budget  # padded-token limit it was formed under (config or latency cap)
         self.input_ids, self.attention_mask = pad_sequences([t.ids for t in texts], pad_token_id)
         self.max_len = max(t.length for t in texts)
         self.tokens = sum(t.length for t in texts)
@@ -267,19 +354,22 @@ class _Batch:
     def full(self, config: BatcherConfig) -> bool:
         """True when not even one more text of length <= max_len could join."""
         count = len(self.texts)
-        return count >= config.max_batch_size or self.max_len * (count + 1) > config.max_batch_tokens
+        return count >= config.max_batch_size or self.max_len * (count + 1) > self.budget
 
 
 class _Outcome:
     """What the worker thread reports back for one batch."""
 
-    __slots__ = ("outputs", "error", "started", "finished")
+    __slots__ = ("outputs", "error", "started", "finished", "cost_s")
 
-    def __init__(self, outputs: object, error: BaseException | None, started: float, finished: float) -> None:
+    def __init__(
+        self, outputs: object, error: BaseException | None, started: float, finished: float, cost_s: float
+    ) -> None:
         self.outputs = outputs
         self.error = error
         self.started = started
         self.finished = finished
+        self.cost_s = cost_s  # duration by the batcher's cost clock (feeds the cost model)
 
 
 def _normalize_outputs(raw: object, n: int) -> tuple[np.ndarray, ...]:
@@ -316,7 +406,9 @@ class DynamicBatcher:
         config: BatcherConfig,
         name: str = "",
         on_batch: Callable[[BatchStats], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock`` times batches for the cost model (tests inject a simulated one)."""
         if not callable(run_batch):
             raise TypeError("run_batch must be callable")
         if not isinstance(config, BatcherConfig):
@@ -327,6 +419,9 @@ class DynamicBatcher:
         self._label = f"batcher[{name}]" if name else "batcher"
         self._on_batch = on_batch
         self._max_wait_s = config.max_wait_ms / 1000.0
+        self._max_delay_s = config.max_queue_delay_ms / 1000.0
+        self._clock = clock
+        self._cost = BatchCostModel()
 
         self._state = _NEW
         self._abort = False
@@ -338,12 +433,15 @@ class DynamicBatcher:
         self._queue: deque[_Text] = deque()  # sorted by _Text.seq; may hold dead texts (skipped)
         self._requests: set[_Request] = set()  # live requests (in flight)
         self._waiting = 0  # live texts not yet running (queued or prepared)
+        self._waiting_tokens = 0  # their real tokens
         self._seq = itertools.count()
         self._dirty = False  # something changed that may alter the prepared batch
         self._prepared: _Batch | None = None
         self._running: asyncio.Future[_Outcome] | None = None
         self._running_batch: _Batch | None = None
         self._running_depth = 0
+        self._running_since = 0.0  # cost-clock time the running batch was launched
+        self._running_estimate_s = 0.0  # its estimated duration (0 before the model is ready)
         self._last_overlap_at = -math.inf  # last submit that arrived while another request was in flight
 
     # ------------------------------------------------------------------ public API
@@ -370,6 +468,44 @@ class DynamicBatcher:
     def prepared_size(self) -> int:
         """Texts in the batch formed and padded ahead of the worker (0 if none)."""
         return len(self._prepared.texts) if self._prepared is not None else 0
+
+    @property
+    def cost_model(self) -> BatchCostModel:
+        """The backend cost estimate learned from executed batches (read-only use)."""
+        return self._cost
+
+    def estimated_wait_s(self, extra_texts: int = 0, extra_tokens: int = 0) -> float | None:
+        """Estimated time until the queued work (plus ``extra`` texts) has run; None before any batch ran.
+
+        Counts the rest of the running batch and every waiting text, in as few
+        batches as the limits allow, as if served in arrival order.  A running
+        batch already past its estimate means the machine is slower right now
+        than the model has learned (a noisy neighbour): the queued work is
+        scaled by the same factor until finished batches update the model.
+        """
+        cost = self._cost
+        if not cost.ready:
+            return None
+        cfg = self._config
+        wait = cost.work_seconds(
+            self._waiting + extra_texts, self._waiting_tokens + extra_tokens, cfg.max_batch_size, self._token_budget()
+        )
+        if self._running_batch is not None:
+            elapsed = self._clock() - self._running_since
+            estimate = self._running_estimate_s
+            if 0.0 < estimate < elapsed:
+                wait *= elapsed / estimate
+            wait += max(0.0, estimate - elapsed)
+        return wait
+
+    def _token_budget(self) -> int:
+        """Padded tokens a new batch may hold: the config's budget, capped by the latency budget."""
+        budget = self._config.max_batch_tokens
+        if self._max_delay_s > 0 and self._cost.ready:
+            within = self._cost.tokens_within(self._max_delay_s)
+            if within < budget:
+                budget = int(within)
+        return budget
 
     @property
     def running(self) -> bool:
@@ -433,15 +569,18 @@ class DynamicBatcher:
             raise QueueFullError(
                 f"queue full: {self._waiting} texts waiting (limit {limit}); cannot accept {n} more"
             )
+        tokens = sum(len(s) for s in seqs)
+        self._admit(n, tokens, deadline, now)
         loop = self._loop
         assert loop is not None and self._wake is not None
-        req = _Request(loop.create_future(), n, deadline, now)
+        req = _Request(loop.create_future(), n, tokens, deadline, now)
         if self._requests:
             self._last_overlap_at = now
         self._requests.add(req)
         for index, ids in enumerate(seqs):
             self._queue.append(_Text(req, index, ids, next(self._seq)))
         self._waiting += n
+        self._waiting_tokens += tokens
         if deadline is not None:
             req.timer = loop.call_later(deadline - now, self._on_deadline, req)
         self._dirty = True
@@ -453,6 +592,41 @@ class DynamicBatcher:
             raise
 
     # ------------------------------------------------------------------ submit helpers
+
+    def _admit(self, n: int, tokens: int, deadline: float | None, now: float) -> None:
+        """Refuse now what would be served too late; admit everything before the cost is known."""
+        ahead = self.estimated_wait_s()
+        if ahead is None:
+            return
+        if self._max_delay_s > 0:
+            # A request may always wait as long as it will itself run: waiting then at most doubles
+            # its unloaded latency, and a big request is not starved by a stream of small ones.
+            cfg = self._config
+            own = self._cost.work_seconds(n, tokens, cfg.max_batch_size, self._token_budget())
+            limit = max(self._max_delay_s, own)
+            if ahead > limit:
+                raise OverloadedError(
+                    f"overloaded: estimated queue wait {ahead * 1e3:.0f} ms exceeds the limit of "
+                    f"{limit * 1e3:.0f} ms (batching.max_queue_delay_ms, or the request's own "
+                    "estimated run time when longer)",
+                    ahead,
+                    limit,
+                )
+        if deadline is not None and ahead > 0:
+            # Only behind other work: on an idle batcher the request starts at once, and refusing it
+            # on the estimate alone could refuse a tight-deadline client forever on a stale estimate
+            # (nothing admitted, nothing learned); the deadline timer still drops unstarted texts.
+            done = self.estimated_wait_s(n, tokens)
+            assert done is not None
+            remaining = deadline - now
+            if done > remaining:
+                raise DeadlineUnmeetableError(
+                    f"deadline cannot be met: {remaining * 1e3:.0f} ms left, but the queued work and this "
+                    f"request need about {done * 1e3:.0f} ms; refused before queueing "
+                    "(send a longer deadline or retry later)",
+                    done,
+                    remaining,
+                )
 
     def _validate(self, sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Reject bad input before anything is queued (so errors are all-or-nothing)."""
@@ -493,7 +667,9 @@ class DynamicBatcher:
             return
         req.done = True
         self._waiting -= req.unstarted
+        self._waiting_tokens -= req.unstarted_tokens
         req.unstarted = 0
+        req.unstarted_tokens = 0
         req.outputs = None
         self._requests.discard(req)
         if req.timer is not None:
@@ -676,7 +852,8 @@ class DynamicBatcher:
         window = window[: cfg.lookahead]
         if not window:
             return None
-        picks = sorted(plan_batch([t.length for t in window], cfg.max_batch_size, cfg.max_batch_tokens))
+        budget = max(self._token_budget(), window[0].length)  # the oldest text always goes
+        picks = sorted(plan_batch([t.length for t in window], cfg.max_batch_size, budget, cfg.max_length_ratio))
         chosen = [window[i] for i in picks]
         picked = set(picks)
         rest = [t for i, t in enumerate(window) if i not in picked]
@@ -686,7 +863,7 @@ class DynamicBatcher:
             a is b for a, b in zip(prev.texts, chosen)
         ):
             return prev
-        return _Batch(chosen, cfg.pad_token_id)
+        return _Batch(chosen, cfg.pad_token_id, budget)
 
     def _revalidate(self, batch: _Batch) -> _Batch | None:
         """Drop texts of cancelled/failed/expired requests right before running; re-pad if needed."""
@@ -698,7 +875,7 @@ class DynamicBatcher:
             return batch
         if not live:
             return None
-        return _Batch(live, self._config.pad_token_id)
+        return _Batch(live, self._config.pad_token_id, batch.budget)
 
     def _launch_prepared(self) -> None:
         """Hand the prepared batch (after a last check) to the worker thread."""
@@ -713,8 +890,13 @@ class DynamicBatcher:
             return
         for text in batch.texts:
             text.req.unstarted -= 1
+            text.req.unstarted_tokens -= text.length
         self._waiting -= len(batch.texts)
+        self._waiting_tokens -= batch.tokens
         self._running_depth = self._waiting
+        self._running_since = self._clock()
+        padded = len(batch.texts) * batch.max_len
+        self._running_estimate_s = self._cost.batch_seconds(padded) if self._cost.ready else 0.0
         assert self._loop is not None and self._executor is not None and self._wake is not None
         future = self._loop.run_in_executor(
             self._executor, self._execute, batch.input_ids, batch.attention_mask
@@ -736,11 +918,12 @@ class DynamicBatcher:
     def _execute(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> _Outcome:
         """Worker thread: run one batch, capturing its error so the scheduler can route it."""
         started = time.monotonic()
+        cost_start = self._clock()
         try:
             outputs = self._run_batch(input_ids, attention_mask)
         except Exception as exc:
-            return _Outcome(None, exc, started, time.monotonic())
-        return _Outcome(outputs, None, started, time.monotonic())
+            return _Outcome(None, exc, started, time.monotonic(), self._clock() - cost_start)
+        return _Outcome(outputs, None, started, time.monotonic(), self._clock() - cost_start)
 
     def _complete(self, batch: _Batch, outcome: _Outcome) -> None:
         """Route a finished batch's rows (or its error) to the requests that own them."""
@@ -758,6 +941,7 @@ class DynamicBatcher:
             for req in dict.fromkeys(t.req for t in batch.texts):
                 self._kill(req, error)
         else:
+            self._cost.observe(size * batch.max_len, outcome.cost_s, batch.tokens)
             groups: dict[_Request, tuple[list[int], list[int]]] = {}
             for row, text in enumerate(batch.texts):
                 if not text.req.done:
