@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Crash recovery under faults: SIGKILL mid-upsert, a truncated index snapshot, a client disconnect storm.
+"""Faults against the real server: SIGKILL mid-upsert, a truncated snapshot, disconnect storms, failed model loads, a full disk.
 
-    .venv/bin/python benchmarks/chaos.py [--cycles 20] [--dir PATH] [--seed N] [--index auto|flat|hnsw]
+    .venv/bin/python benchmarks/chaos.py [--quick] [--cycles 20] [--dir PATH] [--seed N] [--index auto|flat|hnsw]
 
 The real server runs in a subprocess (``python -m server.cli serve``) on 127.0.0.1,
 with its collections in a folder of ours.  One collection, "chaos", gets Upsert
@@ -30,6 +30,23 @@ their connection, after which the server must still be SERVING, answer Embed wit
 the same vector as before, complete a fresh EmbedStream, and still hold every
 acknowledged document.
 
+A model load that fails mid-swap (ChaosRun.model_swap_cycle): while 4 clients call Embed
+without pause, LoadModel is called for versions that fail at three stages of a load (a truncated
+ONNX graph, graph files gone after the manifest was read, a warm-up whose vectors have the wrong
+dimension), each `--swap-repeats` times.  Every LoadModel must answer FAILED_PRECONDITION, no Embed
+may fail or change vector or version, health must stay SERVING, nothing of a failed load may stay
+loaded or keep memory, and a valid LoadModel must still swap (and back).  The versions live in a
+model repository of our own (<dir>/models, links to the built ones); models/ is never written.
+
+A full disk (ChaosRun.disk_full_cycle): the server's RLIMIT_FSIZE is lowered with prlimit so its
+collection files cannot grow (writes fail with EFBIG, as they fail with ENOSPC on a full disk);
+upserts must then be refused with RESOURCE_EXHAUSTED and be all or nothing, reads must go on, and
+once the limit is lifted upserts must resume; a shutdown snapshot against the limit must fail
+without touching the previous snapshot, and the restarted server must replay the store.
+
+``--quick`` (4 SIGKILL cycles, a small storm, each broken version 3 times) is for development;
+the default run is sized for about 10 minutes on 2 cores.
+
 ``--index hnsw`` runs the same on an HNSW collection; it exposes the replay bug that
 tests/api/test_crash_recovery.py marks xfail (replayed documents tombstoned).
 
@@ -41,8 +58,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import json
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -67,6 +87,8 @@ from openemploi.v1 import embedding_pb2 as epb
 from openemploi.v1 import embedding_pb2_grpc as epb_grpc
 from openemploi.v1 import index_pb2 as ipb
 from openemploi.v1 import index_pb2_grpc as ipb_grpc
+from openemploi.v1 import models_pb2 as mpb
+from openemploi.v1 import models_pb2_grpc as mpb_grpc
 
 HOST = "127.0.0.1"
 DIM = 384
@@ -82,6 +104,14 @@ SEARCH_WINDOW = 32  # Search calls in flight while verifying
 REBUILD_MARK = "index snapshot unusable"  # the warning Collection._recover logs before rebuilding
 INDEX_KINDS = {"auto": ipb.INDEX_KIND_AUTO, "flat": ipb.FLAT, "hnsw": ipb.HNSW}
 SERVICE_NAMES = ("", "openemploi.v1.EmbeddingService", "openemploi.v1.IndexService", "openemploi.v1.MatchService")
+DEFAULT_MODEL = "multilingual-e5-small"
+BROKEN_KINDS = ("truncated", "missing", "warmup")  # how a version fails to load: see make_version
+SWAP_CLIENTS = 4  # threads calling Embed without pause while LoadModel runs
+LEAK_PER_LOAD = 64 << 20  # RSS growth per failed load in the last round taken as a leak (a leak was ~250 MiB)
+LEAK_ROUNDS = 3  # rounds of failed loads needed before RSS settles enough to judge (see model_swap_cycle)
+DISK_HEADROOM = 1 << 20  # bytes a collection file may still grow once the disk is "full"
+FULL_MARK = "collection storage is full"  # StorageFull's message: what a refused write must say
+SNAPSHOT_FAILED_MARK = "index snapshot not written"  # the error Collection._snapshot_or_log logs
 
 Log = Callable[[str], None]
 
@@ -418,6 +448,9 @@ class CycleReport:
     restart_s: float = 0.0
     verify_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    requests_ok: int = 0  # faults counted in requests (model swap): calls answered OK around the fault
+    requests_failed: int = 0  # ... and calls that failed (lost)
+    refusals: list[str] = field(default_factory=list)  # "CODE: details" of each write refused (full disk)
 
     @property
     def survived(self) -> bool:
@@ -430,6 +463,7 @@ class CycleReport:
             + f"+{self.new_acknowledged} acknowledged docs, {self.acknowledged} checked"
             + (f", in flight {self.in_flight_committed}/{self.in_flight} committed" if self.in_flight else "")
             + (f", restart {self.restart_s:.1f}s" if self.restart_s else "")
+            + (f", {self.requests_ok} requests OK, {self.requests_failed} failed" if self.fault in REQUEST_FAULTS else "")
             + f", checks {self.verify_s:.1f}s: "
             + ("OK" if self.survived else "FAILED")
         )
@@ -443,6 +477,35 @@ FAULT_KILL = "SIGKILL during upserts"
 FAULT_TRUNCATE = "SIGKILL + truncated index.faiss"
 FAULT_STORM = "client disconnect storm (EmbedStream)"
 FAULT_SIGTERM = "SIGTERM (graceful restart)"
+FAULT_SWAP = "model load failing mid-swap"
+FAULT_DISK = "full disk (file size limit)"
+REQUEST_FAULTS = (FAULT_SWAP,)  # their rows count Embed requests, not documents
+
+
+def linked_model_repository(target: Path, source: Path) -> Path:
+    """A model repository of our own whose versions are links to the built ones in `source`.
+
+    The model-swap fault adds broken versions to it; the real `models/` is never written.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    for model in sorted(p for p in Path(source).iterdir() if (p / "model.toml").is_file()):
+        (target / model.name).mkdir(exist_ok=True)
+        shutil.copy(model / "model.toml", target / model.name / "model.toml")
+        for version in model.iterdir():
+            link = target / model.name / version.name
+            if (version / "manifest.json").is_file() and not link.exists():
+                link.symlink_to(version.resolve())
+    return target
+
+
+def file_digest(path: Path) -> str:
+    if not path.is_file():
+        return "absent"
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 class ChaosRun:
@@ -452,7 +515,10 @@ class ChaosRun:
         self.workdir = Path(workdir)
         self.index_kind = index_kind  # auto (flat at these sizes) | flat | hnsw
         self.collections_dir = self.workdir / "collections"
-        self.server = ServerProcess(self.collections_dir, self.workdir / "logs")
+        self.model_repo = self.workdir / "models"
+        self.server = ServerProcess(
+            self.collections_dir, self.workdir / "logs", extra_env={"OPENEMPLOI_MODEL_REPOSITORY": str(self.model_repo)}
+        )
         self.workload = Workload(seed)
         self.kill_rng = random.Random(seed)
         self.storm_rng = random.Random(seed + 1)
@@ -464,6 +530,7 @@ class ChaosRun:
 
     # -- lifecycle -----------------------------------------------------------------
     def setup(self) -> None:
+        linked_model_repository(self.model_repo, ROOT / "models")
         ready = self.server.start()
         self.log(f"server pid {self.server.pid} SERVING on {self.server.address} after {ready:.1f}s; folder {self.workdir}")
         with grpc.insecure_channel(self.server.address) as channel:
@@ -730,6 +797,342 @@ class ChaosRun:
         with grpc.insecure_channel(address) as channel:
             return list(epb_grpc.EmbeddingServiceStub(channel).EmbedStream(iter(requests), timeout=RPC_TIMEOUT_S))
 
+    # -- a model load that fails mid-swap ------------------------------------------
+    def model_swap_cycle(self, repeats: int = 4) -> CycleReport:
+        """LoadModel of broken versions while clients call Embed without pause; then a valid swap and back.
+
+        Each broken version fails at another stage of the load (see make_version): its graph is
+        truncated (no session can be built), its graph files are gone (the manifest was fine), or
+        its manifest's dimension is not its graph's (the session is built, the warm-up check fails).
+        Checks: each LoadModel answers FAILED_PRECONDITION saying the serving version is unchanged;
+        no Embed fails and each is answered by the serving version with the same vector; health
+        stays SERVING; no broken version is left loaded; and a valid LoadModel still swaps (then
+        back: the swapped-in version drains and unloads)."""
+        report = CycleReport(len(self.reports) + 1, FAULT_SWAP, injected=0)
+        self.reports.append(report)
+        address = self.server.address
+        folder = self.model_repo / DEFAULT_MODEL
+        made: list[Path] = []
+        serving = ""
+        clients: EmbedClients | None = None
+        try:
+            with grpc.insecure_channel(address) as channel:
+                admin = mpb_grpc.ModelServiceStub(channel)
+                serving = self._model_info(admin).current_version
+                broken = [make_version(folder / serving, folder / f"chaos-{kind}", kind) for kind in BROKEN_KINDS]
+                good = make_version(folder / serving, folder / "chaos-good", "good")
+                made = [folder / v for v in (*broken, good)]
+                references = {text: self._embed(address, text) for text in STORM_TEXTS}
+                clients = EmbedClients(address, references, SWAP_CLIENTS)
+                clients.start(phase="broken")
+                clients.wait_for(lambda: clients.ok >= 4 * SWAP_CLIENTS, 60)
+                rss = [_rss_bytes(self.server.pid)]  # before, then after each round of failed loads
+                t0 = time.monotonic()
+                for _ in range(repeats):
+                    for version in broken:
+                        report.injected += 1
+                        try:
+                            admin.LoadModel(mpb.LoadModelRequest(name=DEFAULT_MODEL, version=version), timeout=300)
+                            report.problems.append(f"LoadModel of the broken version {version} answered OK")
+                        except grpc.RpcError as exc:
+                            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION or "serving version is unchanged" not in exc.details():
+                                report.problems.append(f"LoadModel {version}: {exc.code().name}: {exc.details()}")
+                    rss.append(_rss_bytes(self.server.pid))
+                load_s = time.monotonic() - t0
+                info = self._model_info(admin)
+                states = {v.version: v.state for v in info.versions}
+                if info.current_version != serving:
+                    report.problems.append(f"after the failed loads the current version is {info.current_version}, not {serving}")
+                left = {v: states.get(v) for v in broken if states.get(v) != "built"}
+                if left:
+                    report.problems.append(f"broken versions left loaded: {left}")
+                during = clients.ok
+                report.notes.append(
+                    f"{report.injected} LoadModel calls of broken versions ({', '.join(BROKEN_KINDS)}) in {load_s:.1f}s, "
+                    f"{during} Embed calls answered meanwhile by {SWAP_CLIENTS} clients"
+                )
+                if all(rss):
+                    report.notes.append(f"server RSS before and after each round of failed loads: {[round(r / 2**20) for r in rss]} MiB")
+                    # glibc keeps what each thread freed in that thread's arena, so the first rounds grow RSS
+                    # until every executor thread has loaded once (MALLOC_ARENA_MAX=2: the first round only);
+                    # a leak grows it by the whole tokenizer + session (~250 MiB) on every load, round after round.
+                    if repeats >= LEAK_ROUNDS:
+                        growth = (rss[-1] - rss[-2]) / len(broken)
+                        if growth > LEAK_PER_LOAD:
+                            report.problems.append(f"server memory grew by {growth / 2**20:.0f} MiB per failed load in the last round")
+                # A valid load still swaps: new traffic goes to it; then swap back, and it drains and unloads.
+                clients.phase = "swapped"
+                loaded = admin.LoadModel(mpb.LoadModelRequest(name=DEFAULT_MODEL, version=good), timeout=300).model
+                if loaded.current_version != good:
+                    report.problems.append(f"LoadModel {good} answered current version {loaded.current_version}")
+                if not clients.wait_for(lambda: clients.versions.get(("swapped", good), 0) >= 2 * SWAP_CLIENTS, 60):
+                    report.problems.append(f"no Embed answered by {good} within 60 s of its LoadModel")
+                admin.LoadModel(mpb.LoadModelRequest(name=DEFAULT_MODEL, version=serving), timeout=300)
+                clients.phase = "back"
+                deadline = time.monotonic() + 60
+                while self._state(admin, good) != "built" and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                if self._state(admin, good) != "built":
+                    report.problems.append(f"{good} still {self._state(admin, good)!r} 60 s after swapping back")
+                clients.wait_for(lambda: clients.versions.get(("back", serving), 0) >= 2 * SWAP_CLIENTS, 60)
+        except grpc.RpcError as exc:
+            report.problems.append(f"model swap cycle: {exc.code().name}: {exc.details()}")
+        finally:
+            if clients is not None:
+                clients.stop()
+            for path in made:
+                shutil.rmtree(path, ignore_errors=True)
+        if clients is not None:
+            report.requests_ok, report.requests_failed = clients.ok, len(clients.failures)
+            if clients.failures:
+                report.problems.append(f"{len(clients.failures)} Embed calls failed during the swaps, e.g. {clients.failures[:3]}")
+            if clients.wrong:
+                report.problems.append(f"{len(clients.wrong)} Embed answers from an unexpected version or vector, e.g. {clients.wrong[:3]}")
+            if clients.health:
+                report.problems.append(f"health was not SERVING during the swaps: {clients.health[:3]}")
+            others = {v: n for (phase, v), n in clients.versions.items() if phase == "broken" and v != serving}
+            if others:
+                report.problems.append(f"while only broken versions were loaded, Embed was answered by {others}")
+            report.notes.append(
+                f"Embed answers by phase and version: {dict(sorted(clients.versions.items()))}; slowest Embed "
+                f"{clients.slowest_embed_s:.1f}s, slowest health check {clients.slowest_health_s:.1f}s"
+            )
+        if not self.server.alive():
+            report.problems.append(f"server died during the model swaps:\n{self.server.log_tail(20)}")
+        report.acknowledged = len(self.acknowledged)
+        self.log(report.describe())
+        return report
+
+    @staticmethod
+    def _model_info(admin: mpb_grpc.ModelServiceStub, name: str = DEFAULT_MODEL) -> mpb.ModelInfo:
+        models = admin.ListModels(mpb.ListModelsRequest(), timeout=RPC_TIMEOUT_S).models
+        return next(m for m in models if m.name == name)
+
+    def _state(self, admin: mpb_grpc.ModelServiceStub, version: str) -> str:
+        return next((v.state for v in self._model_info(admin).versions if v.version == version), "absent")
+
+    # -- full disk -----------------------------------------------------------------
+    def disk_full_cycle(self, refusals: int = 5, resumed_requests: int = 10) -> CycleReport:
+        """Upserts against a full disk, space freed, then a shutdown snapshot against a full disk.
+
+        The disk fills for real from the server's point of view: its RLIMIT_FSIZE (set from here
+        with prlimit; Python ignores SIGXFSZ, so writes past it fail with EFBIG) lets the collection's
+        files grow by DISK_HEADROOM bytes only.  Upserts run until `refusals` are refused: each must be
+        RESOURCE_EXHAUSTED saying the storage is full, and be all or nothing.  While full, Get, Search,
+        Embed and health must work, with every acknowledged document there.  Then the limit is lifted
+        (space freed) and `resumed_requests` upserts must succeed at once, with no restart.  Last, the
+        limit drops below the size of the next index snapshot and the server gets SIGTERM: the snapshot
+        fails, the previous snapshot must stay byte for byte with no temp file left, the server must
+        exit cleanly, and the restarted server must replay the store and hold every acknowledged document."""
+        report = CycleReport(len(self.reports) + 1, FAULT_DISK, injected=0)
+        self.reports.append(report)
+        pid = self.server.pid
+        folder = self.collections_dir / COLLECTION
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+        biggest = max(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (biggest + DISK_HEADROOM, hard))
+        refused: list[list[Doc]] = []
+        try:
+            with grpc.insecure_channel(self.server.address) as channel:
+                stub = ipb_grpc.IndexServiceStub(channel)
+                acknowledged_before = len(self.acknowledged)
+                for _ in range(2000):  # 20 docs of ~3 KiB each in the store: the headroom fills in ~20 requests
+                    docs = self.workload.request(report.number)
+                    try:
+                        stub.Upsert(ipb.UpsertRequest(collection=COLLECTION, documents=[d.message() for d in docs]), timeout=RPC_TIMEOUT_S)
+                    except grpc.RpcError as exc:
+                        refused.append(docs)
+                        report.refusals.append(f"{exc.code().name}: {exc.details()}")
+                        if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or FULL_MARK not in exc.details():
+                            report.problems.append(f"Upsert on a full disk answered {exc.code().name}: {exc.details()}")
+                        if len(refused) >= refusals:
+                            break
+                        continue
+                    for doc in docs:
+                        self.acknowledged[doc.id] = doc
+                    report.new_acknowledged += len(docs)
+                report.injected = len(refused)
+                if not refused:
+                    report.problems.append("the disk never filled: no Upsert was refused")
+                else:
+                    report.notes.append(
+                        f"{len(self.acknowledged) - acknowledged_before} docs acknowledged until the disk filled "
+                        f"(limit {biggest + DISK_HEADROOM} bytes per file); then {len(refused)} Upserts refused, the first with {report.refusals[0]}"
+                    )
+                committed = self._check_in_flight(stub, refused, report)  # refused writes: all or nothing
+                self._check_all(stub, report, fresh_committed=len(committed))  # reads work on a full disk
+                self.committed_unacknowledged.update(committed)
+                statuses = health_statuses(self.server.address)
+                if any(status != "SERVING" for status in statuses.values()):
+                    report.problems.append(f"health on a full disk: {statuses}")
+                try:
+                    self._embed(self.server.address, STORM_TEXTS[0])
+                except grpc.RpcError as exc:
+                    report.problems.append(f"Embed on a full disk failed: {exc.code().name}: {exc.details()}")
+                resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))  # space freed
+                for _ in range(resumed_requests):
+                    docs = self.workload.request(report.number)
+                    try:
+                        stub.Upsert(ipb.UpsertRequest(collection=COLLECTION, documents=[d.message() for d in docs]), timeout=RPC_TIMEOUT_S)
+                    except grpc.RpcError as exc:
+                        report.problems.append(f"Upsert after space was freed: {exc.code().name}: {exc.details()}")
+                        break
+                    for doc in docs:
+                        self.acknowledged[doc.id] = doc
+                    report.new_acknowledged += len(docs)
+                live = collection_size(stub)
+        except grpc.RpcError as exc:
+            report.problems.append(f"full disk cycle: {exc.code().name}: {exc.details()}")
+            live = len(self.acknowledged)
+        finally:
+            if self.server.alive():
+                resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
+        # A shutdown snapshot on a full disk: it fails, the previous one stays whole.
+        snapshot_files = ("index.faiss", "index.faiss.tomb.json", "index.json")
+        before = {name: file_digest(folder / name) for name in snapshot_files}
+        limit = max(64 * 1024, live * DIM * 4 // 2)  # half the vectors the next snapshot must hold
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, hard))
+        status = self.server.stop(grace_s=30.0)
+        if status != 0:
+            report.problems.append(f"SIGTERM on a full disk: the server exited with status {status}:\n{self.server.log_tail(10)}")
+        if SNAPSHOT_FAILED_MARK not in self.server.log_text():
+            report.problems.append(f"no {SNAPSHOT_FAILED_MARK!r} in the log of a shutdown on a full disk:\n{self.server.log_tail(10)}")
+        after = {name: file_digest(folder / name) for name in snapshot_files}
+        if after != before:
+            report.problems.append(f"the previous snapshot changed on a failed snapshot: {before} -> {after}")
+        leftovers = sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp") or ".tmp." in p.name)
+        if leftovers:
+            report.problems.append(f"temp files left by the failed snapshot: {leftovers}")
+        report.notes.append(f"shutdown snapshot on a full disk (limit {limit} bytes) failed cleanly; previous snapshot kept")
+        if not self._restart(report):
+            return report
+        with grpc.insecure_channel(self.server.address) as channel:
+            self._check_all(ipb_grpc.IndexServiceStub(channel), report)
+        self.log(report.describe())
+        return report
+
+
+class EmbedClients:
+    """Threads calling Embed without pause (one text a call), checking each answer against `references`.
+
+    `phase` is set by the fault driver; answers are counted by (phase, model_version).  In phase
+    "broken" only `serving` may answer.  A health poller thread records any status but SERVING.
+    """
+
+    def __init__(self, address: str, references: dict[str, np.ndarray], threads: int) -> None:
+        self.address = address
+        self.references = references
+        self.threads = threads
+        self.phase = ""
+        self.ok = 0
+        self.versions: dict[tuple[str, str], int] = {}
+        self.failures: list[str] = []
+        self.wrong: list[str] = []
+        self.health: list[str] = []
+        self.slowest_health_s = 0.0
+        self.slowest_embed_s = 0.0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._workers: list[threading.Thread] = []
+
+    def start(self, phase: str) -> None:
+        self.phase = phase
+        self._workers = [threading.Thread(target=self._embed_loop, args=(n,), daemon=True) for n in range(self.threads)]
+        self._workers.append(threading.Thread(target=self._health_loop, daemon=True))
+        for worker in self._workers:
+            worker.start()
+
+    def wait_for(self, condition: Callable[[], bool], timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            if time.monotonic() > deadline or self._stop.is_set():
+                return False
+            time.sleep(0.05)
+        return True
+
+    def stop(self) -> None:
+        self._stop.set()
+        for worker in self._workers:
+            worker.join(RPC_TIMEOUT_S + 5)
+
+    def _embed_loop(self, number: int) -> None:
+        texts = list(self.references)
+        with grpc.insecure_channel(self.address) as channel:
+            stub = epb_grpc.EmbeddingServiceStub(channel)
+            i = number
+            while not self._stop.is_set():
+                text = texts[i % len(texts)]
+                i += 1
+                phase = self.phase
+                t0 = time.monotonic()
+                try:
+                    reply = stub.Embed(epb.EmbedRequest(texts=[text], kind=epb.PASSAGE), timeout=RPC_TIMEOUT_S)
+                except grpc.RpcError as exc:
+                    with self._lock:
+                        self.failures.append(f"{phase}: {exc.code().name}: {exc.details()}")
+                    continue
+                vector = np.asarray(reply.embeddings[0].values, dtype=np.float32)
+                with self._lock:
+                    self.slowest_embed_s = max(self.slowest_embed_s, time.monotonic() - t0)
+                    self.ok += 1
+                    key = (phase, reply.model_version)
+                    self.versions[key] = self.versions.get(key, 0) + 1
+                    if float(vector @ self.references[text]) < 0.9999:
+                        self.wrong.append(f"{phase}: {reply.model_version} gave another vector for {text[:30]!r}")
+
+    def _health_loop(self) -> None:
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while not self._stop.wait(0.2):
+                t0 = time.monotonic()
+                try:  # a generous deadline: on a loaded 2-core machine a check can wait seconds for a core
+                    status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=RPC_TIMEOUT_S).status
+                    self.slowest_health_s = max(self.slowest_health_s, time.monotonic() - t0)
+                    if status != health_pb2.HealthCheckResponse.SERVING:
+                        self.health.append(f"{self.phase}: {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
+                except grpc.RpcError as exc:
+                    self.health.append(f"{self.phase}: {exc.code().name}")
+
+
+def make_version(source: Path, target: Path, kind: str) -> str:
+    """A version folder beside `source`, its files linked to it, that fails to load in the way `kind` says.
+
+    truncated: every ONNX graph cut to its first 64 KiB (no session can be built);
+    missing: the manifest lists graphs that are not there (gone after the repository read it);
+    warmup: the manifest's dimension is twice the graph's (the session is built, the warm-up check fails);
+    good: a faithful copy under another version id, which loads.
+    Its built_at is year 0, so it never becomes the newest version a restart would load.
+    """
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir()
+    manifest = json.loads((source / "manifest.json").read_text())
+    graphs = sorted(set(manifest["files"]["onnx"].values()))
+    for item in source.iterdir():
+        if item.name == "manifest.json":
+            continue
+        if item.name == "onnx" and kind in ("truncated", "missing"):
+            (target / "onnx").mkdir()
+            for relative in graphs if kind == "truncated" else ():
+                with open(source / relative, "rb") as handle:
+                    (target / relative).write_bytes(handle.read(64 * 1024))
+            continue
+        (target / item.name).symlink_to(item.resolve())
+    if kind == "warmup":
+        manifest["dim"] = int(manifest["dim"]) * 2
+    manifest.update(version=target.name, built_at="0000-01-01T00:00:00+00:00")
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target.name
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
 
 def _process_cpu_share(pid: int, window_s: float) -> float | None:
     def ticks() -> int | None:
@@ -812,26 +1215,43 @@ async def _storm(address: str, clients: int, rounds: int, rng: random.Random) ->
 
 
 def table(reports: Sequence[CycleReport], total_acknowledged: int) -> tuple[str, bool]:
-    """One row per fault kind and a total; returns the text and whether anything was lost or not survived."""
+    """One row per fault kind and a total; returns the text and whether anything was lost or not survived.
+
+    `injected` and `survived` count cycles; a row's label says how many faults a cycle of it holds when
+    more than one (streams cut, failed loads, refused writes).  `acknowledged` counts documents, or
+    Embed requests answered for the model swap; `lost` counts acknowledged documents lost, or requests failed.
+    """
     rows = []
     failed = False
     all_lost: set[str] = set()
+    failed_requests = answered = 0
     kinds = list(dict.fromkeys(r.fault for r in reports))
     for kind in kinds:
         group = [r for r in reports if r.fault == kind]
         lost = set().union(*(set(r.lost) for r in group))
         all_lost |= lost
         survived = sum(r.survived for r in group)
-        label = kind
-        if kind == FAULT_STORM:
-            label = f"{kind}, {sum(r.injected for r in group)} streams cut"
-            injected = len(group)
+        faults = sum(r.injected for r in group)
+        label = {
+            FAULT_STORM: f"{kind}, {faults} streams cut",
+            FAULT_SWAP: f"{kind}, {faults} failed loads",
+            FAULT_DISK: f"{kind}, {faults} writes refused",
+        }.get(kind, kind)
+        injected = len(group) if kind in (FAULT_STORM, FAULT_SWAP, FAULT_DISK) else faults
+        if kind in REQUEST_FAULTS:
+            ok = sum(r.requests_ok for r in group)
+            lost_count = sum(r.requests_failed for r in group) + len(lost)
+            answered += ok
+            failed_requests += lost_count - len(lost)
+            acknowledged = f"{ok} requests"
         else:
-            injected = sum(r.injected for r in group)
-        failed |= survived != len(group) or bool(lost)
-        rows.append((label, str(injected), str(survived), str(max(r.acknowledged for r in group)), str(len(lost))))
-    rows.append(("total", str(sum(int(r[1]) for r in rows)), str(sum(int(r[2]) for r in rows)), str(total_acknowledged), str(len(all_lost))))
-    header = ("fault", "injected", "survived", "acknowledged docs", "lost docs")
+            lost_count = len(lost)
+            acknowledged = f"{max(r.acknowledged for r in group)} docs"
+        failed |= survived != len(group) or bool(lost_count)
+        rows.append((label, str(injected), str(survived), acknowledged, str(lost_count)))
+    total = f"{total_acknowledged} docs" + (f" + {answered} requests" if answered else "")
+    rows.append(("total", str(sum(int(r[1]) for r in rows)), str(sum(int(r[2]) for r in rows)), total, str(len(all_lost) + failed_requests)))
+    header = ("fault", "injected", "survived", "acknowledged", "lost")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(5)]
     lines = []
     for n, row in enumerate([header, *rows]):
@@ -844,13 +1264,20 @@ def table(reports: Sequence[CycleReport], total_acknowledged: int) -> tuple[str,
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cycles", type=int, default=20, help="SIGKILL cycles (plus a SIGTERM restart, a truncated-snapshot cycle and a disconnect storm)")
+    parser.add_argument("--quick", action="store_true", help="a short run for development: 4 SIGKILL cycles, a small storm, each broken load 3 times")
+    parser.add_argument("--cycles", type=int, default=None, help="SIGKILL cycles (default 20, 4 with --quick; plus a SIGTERM restart, a truncated snapshot, a disconnect storm, failed model loads and a full disk)")
     parser.add_argument("--dir", type=Path, default=None, help="work folder (collections/ and logs/); default: a temporary one, removed on success")
     parser.add_argument("--seed", type=int, default=20260101)
     parser.add_argument("--index", choices=sorted(INDEX_KINDS), default="auto", help="index kind of the collection (auto: flat at these sizes)")
-    parser.add_argument("--storm-clients", type=int, default=16)
-    parser.add_argument("--storm-rounds", type=int, default=10)
+    parser.add_argument("--storm-clients", type=int, default=None, help="default 16, 6 with --quick")
+    parser.add_argument("--storm-rounds", type=int, default=None, help="default 10, 2 with --quick")
+    parser.add_argument("--swap-repeats", type=int, default=None, help="LoadModel calls per kind of broken version (default 4, 3 with --quick; the memory check needs 3)")
     args = parser.parse_args(argv)
+    quick = args.quick
+    args.cycles = args.cycles if args.cycles is not None else (4 if quick else 20)
+    args.storm_clients = args.storm_clients or (6 if quick else 16)
+    args.storm_rounds = args.storm_rounds or (2 if quick else 10)
+    args.swap_repeats = args.swap_repeats or (3 if quick else 4)
     if args.cycles < 1:
         parser.error("--cycles must be at least 1")
     workdir = args.dir or Path(tempfile.mkdtemp(prefix="openemploi-chaos-"))
@@ -859,14 +1286,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.monotonic()
     run = ChaosRun(workdir, seed=args.seed, index_kind=args.index)
     # Half the kills, a clean SIGTERM restart (its snapshot holds vectors), the truncation of that
-    # snapshot, the storm, then the other half of the kills, which replay on top of the rebuilt snapshot.
-    plan = ["kill"] * (args.cycles // 2) + ["sigterm", "truncate", "storm"] + ["kill"] * (args.cycles - args.cycles // 2)
+    # snapshot, the storm, the failed model loads, the full disk (whose failed shutdown snapshot leaves
+    # the store ahead of the snapshot), then the other half of the kills, which replay on top of that.
+    plan = ["kill"] * (args.cycles // 2) + ["sigterm", "truncate", "storm", "swap", "disk"] + ["kill"] * (args.cycles - args.cycles // 2)
     aborted = ""
     try:
         run.setup()
         for step in plan:
             if step == "storm":
                 report = run.storm_cycle(args.storm_clients, args.storm_rounds)
+            elif step == "swap":
+                report = run.model_swap_cycle(args.swap_repeats)
+            elif step == "disk":
+                report = run.disk_full_cycle()
             elif step == "sigterm":
                 report = run.graceful_cycle()
             else:

@@ -5,6 +5,7 @@ import grpc
 
 from ..batching import BatcherClosedError, DeadlineExceededError, QueueFullError
 from ..index.collection import CollectionExists, CollectionNotFound, CollectionReplaced, InvalidQuery
+from ..index.store import StorageFull
 from ..modelrepo.repository import ModelNotBuilt, ModelNotFound
 from ..tokenize import TextTooLongError
 
@@ -33,6 +34,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, (ModelNotFound, ModelNotBuilt)):
         return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, StorageFull):  # the message says what to free; the write can be retried after
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, QueueFullError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry with backoff"
     if isinstance(exc, DeadlineExceededError):

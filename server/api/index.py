@@ -9,6 +9,7 @@ import numpy as np
 
 from openemploi.v1 import index_pb2, index_pb2_grpc
 
+from ..config import LimitsConfig
 from ..index.collection import Collection, CollectionManager, CollectionSpec, SearchQuery
 from ..index.reembed import reembed_collection
 from ..index.store import NewDocument, StoredDocument
@@ -22,7 +23,6 @@ from .errors import RequestError, failed_precondition, handle_unary, invalid, re
 log = logging.getLogger(__name__)
 
 KINDS = {index_pb2.INDEX_KIND_AUTO: "auto", index_pb2.FLAT: "flat", index_pb2.HNSW: "hnsw", index_pb2.IVF: "ivf"}
-MAX_DOCUMENTS_PER_UPSERT = 4096
 MAX_IDS = 4096
 
 
@@ -70,9 +70,10 @@ def as_vector(values) -> np.ndarray:
 
 
 class IndexServicer(index_pb2_grpc.IndexServiceServicer):
-    def __init__(self, manager: CollectionManager, registry: ModelRegistry) -> None:
+    def __init__(self, manager: CollectionManager, registry: ModelRegistry, limits: LimitsConfig = LimitsConfig()) -> None:
         self._manager = manager
         self._registry = registry
+        self._limits = limits
         self._reembedding: dict[str, asyncio.Future] = {}
 
     async def _rpc(self, request, context, work, name: str):
@@ -123,8 +124,11 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
             documents = list(request.documents)
             if not documents:
                 raise invalid("documents is empty")
-            if len(documents) > MAX_DOCUMENTS_PER_UPSERT:
-                raise invalid(f"{len(documents)} documents in one upsert, over the limit of {MAX_DOCUMENTS_PER_UPSERT}")
+            limit = self._limits.max_upsert_documents
+            if len(documents) > limit:
+                raise invalid(
+                    f"{len(documents)} documents in one upsert, over the limit of {limit} (limits.max_upsert_documents); split it"
+                )
             seen = set()
             for i, doc in enumerate(documents):
                 if not doc.id:
@@ -134,6 +138,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
                 seen.add(doc.id)
                 if not doc.vector and not doc.text.strip():
                     raise invalid(f"documents[{i}] ({doc.id!r}) needs a text or a vector")
+                check_text_chars(f"documents[{i}].text", doc.text, self._limits)
             vectors: list[np.ndarray | None] = [as_vector(d.vector) if d.vector else None for d in documents]
             to_embed = [i for i, v in enumerate(vectors) if v is None]
             if to_embed:
@@ -180,7 +185,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     async def Search(self, request, context):  # noqa: N802
         async def work():
             collection = self._manager.get(request.collection)
-            query = await search_query(self._registry, collection, request, deadline_of(context))
+            query = await search_query(self._registry, collection, request, deadline_of(context), self._limits)
             result = await asyncio.to_thread(collection.search, query)
             hits = [
                 index_pb2.SearchHit(
@@ -234,9 +239,21 @@ def parse_filters(filters) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(parsed)
 
 
-async def search_query(registry: ModelRegistry, collection: Collection, request, deadline) -> SearchQuery:
-    if not 1 <= request.k <= 2048:
-        raise invalid(f"k must be between 1 and 2048, got {request.k}")
+def check_k(k: int, limit: int, requested: int | None = None) -> None:
+    if not 1 <= k <= limit:
+        raise invalid(f"k must be between 1 and {limit} (limits.max_k), got {k if requested is None else requested}")
+
+
+def check_text_chars(field: str, text: str, limits: LimitsConfig) -> None:
+    if len(text) > limits.max_text_chars:
+        raise invalid(f"{field} has {len(text)} characters, over the limit of {limits.max_text_chars} (limits.max_text_chars)")
+
+
+async def search_query(
+    registry: ModelRegistry, collection: Collection, request, deadline, limits: LimitsConfig = LimitsConfig()
+) -> SearchQuery:
+    check_k(request.k, limits.max_k)
+    check_text_chars("text", request.text, limits)
     if request.fusion not in (index_pb2.RRF, index_pb2.WEIGHTED):
         raise invalid(f"unknown fusion {request.fusion}")
     if not 0.0 <= request.dense_weight <= 1.0:

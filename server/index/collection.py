@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import numpy as np
 
 from kernels import RRF_K, fuse_topk, fusion_candidates
 
-from .store import NewDocument, Store, StoredDocument
+from .store import NewDocument, StorageFull, Store, StoredDocument, storage_full
 from .text import fts_query
 from .vectors import MAX_K, GpuPool, IndexParams, VectorIndex
 
@@ -95,6 +96,7 @@ class SearchResult:
 
 class Collection:
     SNAPSHOT_EVERY = 20_000  # changes between automatic index snapshots
+    SNAPSHOT_RETRY_EVERY = 2_000  # changes before an automatic snapshot that failed (full disk) is tried again
 
     def __init__(self, folder: Path, spec: CollectionSpec, store: Store, gpus: GpuPool | None) -> None:
         self.folder = folder
@@ -104,6 +106,7 @@ class Collection:
         self._write_lock = threading.RLock()  # writes and snapshots; reads never take it
         self._applied_seq = 0
         self._snapshot_seq = 0
+        self._snapshot_retry_seq = 0  # after a failed automatic snapshot, none before this sequence
         self.closed = False
 
     # -- lifecycle ---------------------------------------------------------------
@@ -112,14 +115,18 @@ class Collection:
         folder.mkdir(parents=True, exist_ok=False)
         store = Store(folder / "store.sqlite", spec.dim)
         created = spec.created_at or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        store.set_info(
-            {
-                "name": spec.name, "model": spec.model, "model_version": spec.model_version, "dim": str(spec.dim),
-                "index_params": spec.params.to_json(), "created_at": created, "last_seq": "0",
-            }
-        )
-        collection = cls(folder, CollectionSpec(spec.name, spec.model, spec.model_version, spec.dim, spec.params, created), store, gpus)
-        collection.snapshot()
+        try:  # on a full disk (StorageFull) close the store: the caller removes the folder
+            store.set_info(
+                {
+                    "name": spec.name, "model": spec.model, "model_version": spec.model_version, "dim": str(spec.dim),
+                    "index_params": spec.params.to_json(), "created_at": created, "last_seq": "0",
+                }
+            )
+            collection = cls(folder, CollectionSpec(spec.name, spec.model, spec.model_version, spec.dim, spec.params, created), store, gpus)
+            collection.snapshot()
+        except BaseException:
+            store.close()
+            raise
         return collection
 
     @classmethod
@@ -165,7 +172,7 @@ class Collection:
         kind = self.index.target_kind(self.store.count())
         self.index.rebuild(kind, self.store.live_vectors())
         self._applied_seq = self.store.last_seq()
-        self.snapshot()
+        self._snapshot_or_log()
 
     def _maybe_reshape(self) -> None:
         """Switch index type when the size crosses flat_max, and drop HNSW tombstones when many."""
@@ -183,28 +190,60 @@ class Collection:
             self._write_snapshot()
 
     def _write_snapshot(self) -> None:
+        """Every temp file is written and synced before any rename: a write that fails (full disk)
+        removes them and leaves the previous snapshot whole, its index and its sequence together."""
         index_path, meta_path = self._snapshot_paths()
         seq = self._applied_seq
         tmp_index = index_path.with_suffix(".faiss.tmp")
-        self.index.save(tmp_index)
-        for path in (tmp_index, Path(str(tmp_index) + ".tomb.json")):
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-        os.replace(Path(str(tmp_index) + ".tomb.json"), Path(str(index_path) + ".tomb.json"))
-        os.replace(tmp_index, index_path)
+        tmp_tomb = Path(str(tmp_index) + ".tomb.json")
         tmp_meta = meta_path.with_suffix(".json.tmp")
-        tmp_meta.write_text(json.dumps({"last_seq": seq, "dim": self.spec.dim, "kind": self.index.kind}))
-        with open(tmp_meta, "rb") as handle:
-            os.fsync(handle.fileno())
+        temps = (tmp_index, tmp_tomb, tmp_meta)
+        try:
+            self.index.save(tmp_index)
+            tmp_meta.write_text(json.dumps({"last_seq": seq, "dim": self.spec.dim, "kind": self.index.kind}))
+            for path in temps:
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+        except Exception as exc:
+            full = storage_full(exc, self.folder, f"the index snapshot of {self.spec.name!r} at sequence {seq}", temps)
+            for path in temps:
+                path.unlink(missing_ok=True)
+            if full is not None:
+                raise full from exc
+            raise
+        os.replace(tmp_tomb, Path(str(index_path) + ".tomb.json"))
+        os.replace(tmp_index, index_path)
         os.replace(tmp_meta, meta_path)
         self._snapshot_seq = seq
-        self.store.purge_dead(seq)
+        try:
+            self.store.purge_dead(seq)
+        except sqlite3.Error as exc:  # only housekeeping: the next snapshot purges them
+            log.warning("collection %s: dead rows not purged after snapshot %d (%s)", self.spec.name, seq, exc)
+
+    def _snapshot_or_log(self) -> bool:
+        """Snapshot, or log why not and go on: a snapshot only shortens the replay at the next start.
+
+        The store holds every committed change, so when the snapshot cannot be written (full disk)
+        the previous one stays and a restart replays the store on top of it; writes and searches go on.
+        """
+        try:
+            self.snapshot()
+            return True
+        except (StorageFull, OSError, RuntimeError) as exc:
+            self._snapshot_retry_seq = self._applied_seq + self.SNAPSHOT_RETRY_EVERY
+            log.error(
+                "collection %s: index snapshot not written (%s); the snapshot at sequence %d stays and a restart "
+                "replays the store from it", self.spec.name, exc, self._snapshot_seq,
+            )
+            return False
 
     def close(self) -> None:
         with self._write_lock:
-            if self._applied_seq != self._snapshot_seq:
-                self.snapshot()
-            self.store.close()
+            try:
+                if self._applied_seq != self._snapshot_seq:
+                    self._snapshot_or_log()
+            finally:
+                self.store.close()
 
     # -- writes ------------------------------------------------------------------
     def upsert(self, documents: Sequence[NewDocument]) -> int:
@@ -233,8 +272,8 @@ class Collection:
     def _after_change(self, seq: int) -> None:
         self._applied_seq = seq
         self._maybe_reshape()
-        if self._applied_seq - self._snapshot_seq >= self.SNAPSHOT_EVERY:
-            self.snapshot()
+        if self._applied_seq - self._snapshot_seq >= self.SNAPSHOT_EVERY and self._applied_seq >= self._snapshot_retry_seq:
+            self._snapshot_or_log()  # the change is committed: a snapshot failure must not fail its write
 
     def check_vector(self, vector: np.ndarray, what: str) -> None:
         if vector.shape != (self.spec.dim,):
@@ -337,14 +376,18 @@ class CollectionManager:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def create(self, spec: CollectionSpec) -> Collection:
-        if not NAME_PATTERN.match(spec.name):
+        if not NAME_PATTERN.fullmatch(spec.name):
             raise InvalidQuery(f"collection name {spec.name!r} must match {NAME_PATTERN.pattern}")
         with self._lock:
             if spec.name in self._collections:
                 raise CollectionExists(f"collection {spec.name!r} already exists")
             staging = self.root / f".creating-{spec.name}"
             shutil.rmtree(staging, ignore_errors=True)
-            collection = Collection.create(staging, spec, self.gpus)
+            try:
+                collection = Collection.create(staging, spec, self.gpus)
+            except BaseException:  # e.g. StorageFull: leave no half-made folder behind
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
             collection.store.close()
             os.replace(staging, self.root / spec.name)
             collection = Collection.open(self.root / spec.name, self.gpus)

@@ -9,7 +9,10 @@ transaction is committed to disk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
+import resource
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -79,6 +82,63 @@ class StoreError(RuntimeError):
     pass
 
 
+class StorageFull(StoreError):
+    """No room for a write (full disk, quota, file-size limit); nothing of it was committed.
+
+    Its own type so the API answers RESOURCE_EXHAUSTED, which a caller can retry once space
+    is freed, rather than INTERNAL.
+    """
+
+
+NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+LOW_SPACE_BYTES = 1 << 20  # below this much free space, a failed write is put down to a full disk
+_SQLITE_IOERR = 10  # primary code of SQLite's I/O errors (extended codes keep it in the low byte)
+
+
+def no_room_reason(folder: Path, written: Sequence[Path] = ()) -> str:
+    """Why writes under `folder` find no room, or "" when there seems to be room.
+
+    SQLite reports ENOSPC as SQLITE_FULL but a write past the file-size limit (EFBIG) as a plain
+    I/O error, and faiss reports no errno at all: so look at the disk and the limit themselves.
+    Call it before removing a half-written file (`written`, looked at first): it is what reached the limit.
+    """
+    try:
+        stat = os.statvfs(folder)
+        free = stat.f_bavail * stat.f_frsize
+        if free < LOW_SPACE_BYTES:
+            return f"{free} bytes free on the file system of {folder}"
+    except OSError:
+        pass
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        with contextlib.suppress(OSError):
+            for path in [*written, *sorted(Path(folder).iterdir())]:
+                if path.is_file() and path.stat().st_size + 65536 > limit:
+                    return f"{path.name} reached this process's file size limit of {limit} bytes (RLIMIT_FSIZE)"
+    return ""
+
+
+def storage_full(exc: BaseException, folder: Path, what: str, written: Sequence[Path] = ()) -> StorageFull | None:
+    """A StorageFull for `exc` when it comes from a lack of room under `folder`, else None."""
+    if isinstance(exc, StorageFull):
+        return exc
+    code = getattr(exc, "sqlite_errorcode", None) if isinstance(exc, sqlite3.Error) else None
+    if isinstance(exc, OSError) and exc.errno in NO_ROOM_ERRNOS:
+        fallback = os.strerror(exc.errno)
+    elif code == sqlite3.SQLITE_FULL:
+        fallback = "SQLite reports the database or disk full"
+    elif (code is not None and code & 0xFF == _SQLITE_IOERR) or type(exc) is RuntimeError:  # faiss: RuntimeError
+        fallback = ""  # an I/O error is put down to a full disk only when the disk or the limit says so
+    else:
+        return None
+    reason = no_room_reason(folder, written) or fallback
+    if not reason:
+        return None
+    return StorageFull(
+        f"collection storage is full ({reason}): {what} was not stored; free disk space (or raise the limit), then retry"
+    )
+
+
 def _blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype="<f4").tobytes()
 
@@ -94,7 +154,7 @@ class Store:
         self._local = threading.local()
         self._write_lock = threading.Lock()
         self._writer = self._connect()
-        with self._writer:
+        with self._storage_errors("the collection's schema"):
             self._writer.executescript(SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
@@ -126,16 +186,33 @@ class Store:
 
     # -- writes -------------------------------------------------------------
     @contextlib.contextmanager
+    def _storage_errors(self, what: str = "this write") -> Iterator[None]:
+        """SQLite errors that come from a full disk become StorageFull; others pass unchanged."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            full = storage_full(exc, self.path.parent, what)
+            if full is None:
+                raise
+            raise full from exc
+
+    @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One writer at a time; BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
-        with self._write_lock:
+        """One writer at a time; BEGIN IMMEDIATE ... COMMIT, rolled back on any error.
+
+        After SQLITE_FULL or an I/O error SQLite has already rolled the transaction back: a second
+        ROLLBACK would fail and hide the real error, so it runs only while a transaction is open.
+        """
+        with self._write_lock, self._storage_errors():
             db = self._writer
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
                 raise
 
     def _kill_live(self, db: sqlite3.Connection, doc_id: str, dead_at: int) -> int | None:
