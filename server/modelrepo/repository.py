@@ -71,17 +71,21 @@ class ModelRepository:
             return []
         return sorted(p.name for p in self.root.iterdir() if (p / "model.toml").is_file())
 
-    def spec(self, name: str) -> ModelSpec:
-        folder = self.root / name
-        if not (folder / "model.toml").is_file():
+    def _folder(self, name: str) -> Path:
+        """The folder of a model named in the repository; a name is never a path ("./m", "../x/m")."""
+        if name not in self.names():
             raise ModelNotFound(f"model {name!r} is not in the repository {self.root} (have: {self.names()})")
-        return load_spec(folder)
+        return self.root / name
+
+    def spec(self, name: str) -> ModelSpec:
+        return load_spec(self._folder(name))
 
     def versions(self, name: str) -> list[ModelVersion]:
-        folder = self.root / name
+        try:
+            folder = self._folder(name)
+        except ModelNotFound:
+            return []
         found = []
-        if not folder.is_dir():
-            return found
         for child in folder.iterdir():
             manifest_path = child / MANIFEST
             if not child.is_dir() or child.name.startswith(".") or not manifest_path.is_file():
