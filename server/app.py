@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from openemploi.v1 import embedding_pb2, index_pb2, match_pb2, models_pb2
 
+from . import security
 from .api import index as index_api
 from .api import match as match_api
 from .api import models as models_api
@@ -25,10 +26,9 @@ from .batching import BatchStats
 from .config import ServerConfig
 from .index.collection import CollectionManager
 from .matching.bootstrap import ensure_rome_collection
-from .metrics import Gauges, Metrics, MetricsInterceptor
-from . import security
 from .matching.catalogue import load_catalogue
 from .matching.matcher import OccupationMatcher
+from .metrics import Gauges, Metrics, MetricsInterceptor
 from .modelrepo.registry import ModelRegistry
 from .modelrepo.repository import ModelNotBuilt, ModelNotFound, ModelRepository
 

@@ -140,8 +140,9 @@ def test_auto_on_this_cpu_machine_opens_onnx_int8(default_version):
 
 def test_a_failing_gpu_candidate_falls_back_and_the_detail_says_why(default_version):
     """Claim a GPU with the ORT CUDA provider: the real onnxruntime here has none, so the onnx
-    CUDA candidate fails to open, torch CUDA fails too, and the CPU int8 graph serves."""
-    fake_gpu = Capabilities(True, CUDA_ORT, frozenset(default_version.graphs()), True, True)
+    CUDA candidate fails to open, torch CUDA fails too, and the CPU int8 graph serves. The fp16
+    graph is claimed too: a CPU-only build has none, and without it onnx CUDA is no candidate."""
+    fake_gpu = Capabilities(True, CUDA_ORT, frozenset(default_version.graphs()) | {"fp16"}, True, True)
     encoder = open_encoder(default_version, "auto", BackendConfig(), caps=fake_gpu)
     assert (encoder.info.backend, encoder.info.device, encoder.info.precision) == ("onnx", "cpu", "int8")
     assert "skipped onnx cuda" in encoder.info.detail and "skipped torch cuda" in encoder.info.detail
