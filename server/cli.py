@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import os
 import sys
@@ -10,6 +11,25 @@ from pathlib import Path
 
 from .config import ConfigError, load_config
 from .logs import configure_logging
+
+
+MALLOC_ARENAS = 2
+
+
+def _limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> None:
+    """Cap glibc's per-thread malloc arenas, unless MALLOC_ARENA_MAX is set.
+
+    Each executor thread that builds an ONNX session gets its own arena, and glibc keeps freed
+    memory there: without a cap, every model (re)load or failed load left 300-900 MB resident
+    (benchmarks/chaos.py, failed-swap fault). A no-op outside glibc.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, arenas)  # -8 is M_ARENA_MAX in malloc.h
+    except (OSError, AttributeError):
+        pass
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -24,6 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"openemploi: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_json)
+    _limit_malloc_arenas()
     try:
         asyncio.run(serve_forever(config))
     except ConfigError as exc:  # tokens file or TLS files, read at start

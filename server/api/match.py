@@ -14,7 +14,7 @@ from ..matching.matcher import OccupationMatcher, match_profile
 from ..modelrepo.registry import ModelRegistry
 from ..tokenize import TextKind
 from .embedding import deadline_of
-from .errors import handle_unary, invalid, register_unary_service
+from .errors import failed_precondition, handle_unary, invalid, register_unary_service
 from .index import check_k, check_text_chars, collection_model, parse_filters
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
     async def MatchOccupation(self, request, context):  # noqa: N802
         async def work():
             if self.occupations is None:
-                raise invalid("this server runs without the ROME catalogue (rome_collection = false)")
+                raise failed_precondition("this server runs without the ROME catalogue (rome_collection = false); start it with rome_collection = true")
             k = request.k or 5
             k_limit = min(MAX_OCCUPATIONS_K, self._limits.max_k)
             if not 1 <= k <= k_limit:

@@ -124,3 +124,15 @@ def test_restart_reuses_the_indexed_catalogue(server, index, collections_dir, de
     finally:
         again.stop()
     assert (after.created_at, after.last_sequence, after.size) == (before.created_at, before.last_sequence, before.size)
+
+
+def test_a_server_without_the_catalogue_says_so_with_failed_precondition(default_version):
+    running = ServerThread(make_config(rome_collection=False))
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = mpb_grpc.MatchServiceStub(channel)
+            details = expect(lambda: stub.MatchOccupation(mpb.MatchOccupationRequest(text="boulanger"), timeout=30),
+                             grpc.StatusCode.FAILED_PRECONDITION)
+            assert "rome_collection" in details
+    finally:
+        running.stop()
