@@ -51,6 +51,7 @@ RPC_SCOPES: Mapping[str, str] = {
 OPEN_SERVICES = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection"})
 
 TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TOKEN_PREFIX = "oe_"
 MISSING_TOKEN = "missing bearer token: send metadata 'authorization: Bearer <token>'"
 
 
@@ -159,7 +160,9 @@ def append_token(path: Path, name: str, scopes: Iterable[str]) -> str:
     if any(t.name == name for t in existing.tokens):
         raise TokenFileError(f"tokens file {path} already has a token named {name!r}")
     parsed = parse_scopes(scopes, f"token {name!r}")
-    token = secrets.token_urlsafe(32)
+    # The prefix keeps a token from starting with "-" (a CLI would read it as an option)
+    # and lets secret scanners recognise a leaked one.
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     scope_list = ", ".join('"' + s + '"' for s in SCOPES if s in parsed)  # validated names: no quoting needed
     entry = f'\n[[tokens]]\nname = "{name}"\nsha256 = "{token_digest(token).hex()}"\nscopes = [{scope_list}]\n'
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -86,6 +86,7 @@ def test_the_server_refuses_a_missing_or_empty_tokens_file(tmp_path):
 def test_append_token_writes_only_the_hash_to_a_0600_file(tmp_path):
     path = tmp_path / "sub" / "tokens.toml"
     token = append_token(path, "svc-x", ["search", "embed"])
+    assert token.startswith("oe_")  # never "-...": the CLI's --token would read it as an option
     second = append_token(path, "ops", ["admin"])
     text = path.read_text(encoding="utf-8")
     assert token not in text and second not in text
