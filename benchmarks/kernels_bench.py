@@ -13,8 +13,6 @@ is what a caller saves by switching. Cases:
   and no padding at all (the server sorts queued texts by length, so real batches pad little).
 * fusion ``fuse_topk``: 300 dense + 300 lexical candidates (ids drawn from 1M sequence numbers,
   ~half of the lexical ids also in the dense list), k = 10, rrf and weighted; many calls.
-* skills ``skill_overlap``: 100,000 items with 4..12 skills each (mean 8) from a 12,000-skill
-  vocabulary, a profile of 12 skills; unweighted and weighted.
 
 Timing: for each case, ``--rounds`` rounds; in each round the two implementations run a batch of
 calls each, alternating which goes first (the machine may be shared: interleaving exposes both to
@@ -24,14 +22,15 @@ the min in the JSON). ``speedup = numpy time / numba time`` (> 1: numba is faste
 ``slower`` when it loses by that much by both, else ``within noise``. A kernel **beats numpy**
 when every one of its cases is ``faster``; the product keeps a kernel only where it does.
 
-Unless ``--no-parallel``, the table also shows ``parallel=True`` (``prange``) variants of the
-pooling and skills loops, defined here only, to document why the product kernels are
-single-threaded. Every timed result is first checked against the reference.
+Unless ``--no-parallel``, the table also shows a ``parallel=True`` (``prange``) variant of the
+pooling loop, defined here only, to document why the product kernels are single-threaded.
+Every timed result is first checked against the reference.
 
 Writes JSON to ``benchmarks/results/kernels-<YYYY-MM-DD>-<hostname>.json`` (or ``--out``):
 machine, versions, load average at start and end, every case's numbers and the verdicts.
 Runs in well under 60 s on 2 shared cores (most of it numba compilation when its cache is cold).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,23 +45,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 import numba
+import numpy as np
 from numba import njit, prange
 
-from kernels import (
+from openemploi.kernels import (
     fuse_topk_numba,
     fuse_topk_reference,
     fusion_candidates,
     mean_pool_normalize_numba,
     mean_pool_normalize_reference,
-    skill_overlap_numba,
-    skill_overlap_reference,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SEED = 20261126
 
@@ -93,37 +88,11 @@ def _pool_parallel(hidden, mask, normalized, pooled):  # pragma: no cover - comp
             normalized[i, j] = acc[j] / norm
 
 
-@njit(parallel=True, cache=True)
-def _skills_parallel(profile, indptr, skill_ids, share, matched):  # pragma: no cover - compiled
-    m = indptr.size - 1
-    n_profile = profile.size
-    for i in prange(m):
-        p = 0
-        count = 0
-        for j in range(indptr[i], indptr[i + 1]):
-            s = skill_ids[j]
-            while p < n_profile and profile[p] < s:
-                p += 1
-            if p < n_profile and profile[p] == s:
-                count += 1
-                p += 1
-        length = indptr[i + 1] - indptr[i]
-        matched[i] = count
-        share[i] = count / length if length > 0 else 0.0
-
-
 def pool_parallel(hidden, mask):
     n, _, d = hidden.shape
     normalized, pooled = np.empty((n, d), np.float32), np.empty((n, d), np.float32)
     _pool_parallel(hidden, mask, normalized, pooled)
     return normalized, pooled
-
-
-def skills_parallel(profile, indptr, skill_ids, weights=None):
-    m = indptr.size - 1
-    share, matched = np.empty(m, np.float32), np.empty(m, np.int32)
-    _skills_parallel(profile, indptr, skill_ids, share, matched)
-    return share, matched
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -140,31 +109,13 @@ def fusion_data(rng: np.random.Generator, mode: str):
     pool = rng.choice(1_000_000, a + b, replace=False).astype(np.int64)
     dense_ids = pool[:a]
     overlap = rng.choice(dense_ids, b // 2, replace=False)
-    lexical_ids = rng.permutation(np.concatenate([overlap, pool[a:a + b - overlap.size]]))
+    lexical_ids = rng.permutation(np.concatenate([overlap, pool[a : a + b - overlap.size]]))
     dense_scores = np.sort(rng.uniform(0.3, 0.9, a).astype(np.float32))[::-1].copy()
     lexical_scores = np.sort(rng.gamma(2.0, 3.0, b).astype(np.float32))[::-1].copy()
     union = fusion_candidates(dense_ids, lexical_ids)
     union_dense = rng.uniform(0.2, 0.9, union.size).astype(np.float32) if mode == "weighted" else None
     args = (dense_ids, dense_scores, lexical_ids, lexical_scores, 10, mode, 0.7, union_dense)
     return args, {"dense": a, "lexical": b, "candidates": int(union.size), "k": 10, "mode": mode}
-
-
-def skills_data(rng: np.random.Generator, weighted: bool):
-    m, vocab = 100_000, 12_000
-    lengths = rng.integers(4, 13, m)
-    indptr = np.zeros(m + 1, np.int64)
-    indptr[1:] = np.cumsum(lengths)
-    # sorted unique ids per item: a random start plus strictly increasing random gaps
-    gaps = rng.integers(1, vocab // 16, indptr[-1]).astype(np.int64)
-    starts = np.repeat(indptr[:-1], lengths)
-    gaps[indptr[:-1]] = rng.integers(0, vocab // 4, m)
-    skill_ids = (np.cumsum(gaps) - np.repeat(np.cumsum(gaps)[indptr[:-1]] - gaps[indptr[:-1]], lengths)).astype(np.int32)
-    assert skill_ids.max() < vocab and np.all((np.diff(skill_ids) > 0) | (np.diff(starts) != 0))
-    # a profile that shares skills with many items: frequent ids are the low ones
-    profile = np.sort(rng.choice(vocab // 4, 12, replace=False)).astype(np.int32)
-    weights = rng.uniform(0.5, 2.0, vocab).astype(np.float32) if weighted else None
-    info = {"items": m, "nnz": int(indptr[-1]), "vocabulary": vocab, "profile": 12, "weighted": weighted}
-    return (profile, indptr, skill_ids, weights), info
 
 
 # -- timing ------------------------------------------------------------------------------------------
@@ -182,7 +133,7 @@ def calls_for(fn: Callable, args: tuple, budget_s: float) -> int:
 
 def compare(name: str, impls: dict[str, Callable], args: tuple, check: Callable, rounds: int, budget_s: float) -> dict:
     want = impls["numpy"](*args)
-    for impl, fn in impls.items():
+    for fn in impls.values():
         check(fn(*args), want)  # also the warm-up (compilation or numba cache load)
     calls = {impl: calls_for(fn, args, budget_s) for impl, fn in impls.items()}
     times: dict[str, list[float]] = {impl: [] for impl in impls}
@@ -226,16 +177,16 @@ def check_fusion(got, want):
         np.testing.assert_array_equal(g, w)
 
 
-def check_skills(got, want):
-    np.testing.assert_array_equal(got[1], want[1])
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
-
-
 def machine() -> dict:
     return {
-        "host": socket.gethostname(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-        "processor": platform.processor(), "python": platform.python_version(), "numpy": np.__version__,
-        "numba": numba.__version__, "numba_threads": numba.config.NUMBA_NUM_THREADS,
+        "host": socket.gethostname(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "numba_threads": numba.config.NUMBA_NUM_THREADS,
         "threading_layer": numba.config.THREADING_LAYER,
     }
 
@@ -252,17 +203,29 @@ def measure(rounds: int = 7, budget: float = 0.08, parallel: bool = True) -> dic
     for padded in (True, False):
         data, info = pooling_data(rng, padded)
         name = "pooling 64x64x384 " + ("lengths 8..64" if padded else "no padding")
-        cases.append(("pooling", name, {"numpy": mean_pool_normalize_reference, "numba": mean_pool_normalize_numba}, data, info, check_pool))
+        cases.append(
+            (
+                "pooling",
+                name,
+                {"numpy": mean_pool_normalize_reference, "numba": mean_pool_normalize_numba},
+                data,
+                info,
+                check_pool,
+            )
+        )
         parallel_cases[name] = pool_parallel
     for mode in ("rrf", "weighted"):
         data, info = fusion_data(rng, mode)
-        cases.append(("fusion", f"fusion 300+300 k=10 {mode}", {"numpy": fuse_topk_reference, "numba": fuse_topk_numba}, data, info, check_fusion))
-    for weighted in (False, True):
-        data, info = skills_data(rng, weighted)
-        name = "skills 100k items x ~8, profile 12 " + ("weighted" if weighted else "unweighted")
-        cases.append(("skills", name, {"numpy": skill_overlap_reference, "numba": skill_overlap_numba}, data, info, check_skills))
-        if not weighted:
-            parallel_cases[name] = skills_parallel
+        cases.append(
+            (
+                "fusion",
+                f"fusion 300+300 k=10 {mode}",
+                {"numpy": fuse_topk_reference, "numba": fuse_topk_numba},
+                data,
+                info,
+                check_fusion,
+            )
+        )
 
     rows = []
     for kernel, name, impls, data, info, check in cases:
@@ -271,9 +234,11 @@ def measure(rounds: int = 7, budget: float = 0.08, parallel: bool = True) -> dic
         rows.append(row)
     # last: OpenMP workers keep spinning after a parallel region and would slow what runs next
     if parallel:
-        for (kernel, name, impls, data, info, check), row in zip(cases, rows):
+        for (_, name, impls, data, _, check), row in zip(cases, rows):
             if name in parallel_cases:
-                extra = compare(name, {"numpy": impls["numpy"], "numba_parallel": parallel_cases[name]}, data, check, rounds, budget)
+                extra = compare(
+                    name, {"numpy": impls["numpy"], "numba_parallel": parallel_cases[name]}, data, check, rounds, budget
+                )
                 row["parallel"] = {**extra, "threading_layer": numba.threading_layer()}
 
     verdicts = {}
@@ -282,19 +247,30 @@ def measure(rounds: int = 7, budget: float = 0.08, parallel: bool = True) -> dic
         beats = all(r["beats_numpy"] for r in mine)
         worst = min(mine, key=lambda r: r["speedup_numba_median"])
         if beats:
-            statement = (f"{kernel}: numba BEATS numpy in every case (median speedup >= "
-                         f"{worst['speedup_numba_median']:.2f}x): keep the numba kernel")
+            statement = (
+                f"{kernel}: numba BEATS numpy in every case (median speedup >= "
+                f"{worst['speedup_numba_median']:.2f}x): keep the numba kernel"
+            )
         else:
             others = [r["case"] for r in mine if not r["beats_numpy"]]
-            statement = (f"{kernel}: numba does NOT clearly beat numpy in every case ({'; '.join(others)}: "
-                         f"{', '.join(r['verdict'] for r in mine if not r['beats_numpy'])}): keep it only where it wins")
+            statement = (
+                f"{kernel}: numba does NOT clearly beat numpy in every case ({'; '.join(others)}: "
+                f"{', '.join(r['verdict'] for r in mine if not r['beats_numpy'])}): keep it only where it wins"
+            )
         verdicts[kernel] = {"beats_numpy": beats, "min_median_speedup": worst["speedup_numba_median"], "statement": statement}
 
     return {
-        "benchmark": "kernels", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
-        "load_average_start": load_start, "load_average_end": os.getloadavg(), "seed": SEED,
-        "rounds": rounds, "budget_s": budget, "cases": rows, "verdicts": verdicts,
+        "benchmark": "kernels",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine(),
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
+        "seed": SEED,
+        "rounds": rounds,
+        "budget_s": budget,
+        "cases": rows,
+        "verdicts": verdicts,
         "wall_s": time.time() - started,
     }
 
@@ -308,15 +284,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report = measure(args.rounds, args.budget, not args.no_parallel)
     rows, verdicts = report["cases"], report["verdicts"]
-    header = (f"{'case':<48} {'numpy us':>10} {'numba us':>10} {'numba/numpy':>12}  {'verdict':<12}  "
-              f"{'parallel us':>11} {'par/numpy':>9}")
+    header = (
+        f"{'case':<48} {'numpy us':>10} {'numba us':>10} {'numba/numpy':>12}  {'verdict':<12}  "
+        f"{'parallel us':>11} {'par/numpy':>9}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        par = (f"{r['parallel']['numba_parallel_us_median']:>11.1f} {r['parallel']['speedup_numba_parallel_median']:>8.2f}x"
-               if "parallel" in r else f"{'-':>11} {'-':>9}")
-        print(f"{r['case']:<48} {r['numpy_us_median']:>10.1f} {r['numba_us_median']:>10.1f} "
-              f"{r['speedup_numba_median']:>11.2f}x  {r['verdict']:<12}  {par}")
+        par = (
+            f"{r['parallel']['numba_parallel_us_median']:>11.1f} {r['parallel']['speedup_numba_parallel_median']:>8.2f}x"
+            if "parallel" in r
+            else f"{'-':>11} {'-':>9}"
+        )
+        print(
+            f"{r['case']:<48} {r['numpy_us_median']:>10.1f} {r['numba_us_median']:>10.1f} "
+            f"{r['speedup_numba_median']:>11.2f}x  {r['verdict']:<12}  {par}"
+        )
     print()
     print("numba/numpy = numpy time / numba time (median of rounds; > 1: numba faster). verdict: faster when")
     print(f"numba wins by > {NOISE:.0%} by both the median and the min of the rounds. parallel: a prange variant")

@@ -12,6 +12,7 @@ request failed) or 2 when the server could not start.
     .venv/bin/python benchmarks/loadtest.py --users 8 --spawn-rate 4 --run-time 30s
     .venv/bin/python benchmarks/loadtest.py --users 16 --run-time 60s --host 127.0.0.1:50051
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,17 +30,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from openemploi.testing.launcher import HOST, free_port, stop_process, wait_serving
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 LOCUSTFILE = ROOT / "benchmarks" / "locustfile.py"
 RESULTS = ROOT / "benchmarks" / "results" / "loadtest"
 CACHE_DIR = ROOT / "var" / "loadtest-collections"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def say(message: str) -> None:
@@ -83,45 +79,13 @@ class Server:
     log_path: Path
 
 
-def wait_serving(process: subprocess.Popen, address: str, log_path: Path, timeout_s: float) -> None:
-    """Poll grpc.health.v1 until SERVING (only once models are warm and ROME is indexed)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    shown, last_shown = "", 0.0
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode} before SERVING:\n{log_tail(log_path)}")
-            with contextlib.suppress(grpc.RpcError):
-                if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            progress = last_progress(log_path)
-            if progress and progress != shown and time.monotonic() - last_shown > 5.0:
-                say(f"  server: {progress}")
-                shown, last_shown = progress, time.monotonic()
-            time.sleep(0.5)
-    raise TimeoutError(f"server not SERVING after {timeout_s:.0f}s:\n{log_tail(log_path)}")
-
-
-def stop_server(process: subprocess.Popen, grace_s: float = 30.0) -> int:
-    """SIGTERM (the server drains, then exits); SIGKILL if it outlives the grace period."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            say(f"server pid {process.pid} still running {grace_s:.0f}s after SIGTERM: SIGKILL")
-            process.kill()
-            process.wait()
-    return process.returncode
-
-
 @contextlib.contextmanager
 def running_server(options: ServerOptions) -> Iterator[Server]:
-    """`openemploi serve` in a subprocess: SERVING on entry, stopped with SIGTERM on exit."""
+    """`openemploi serve` in a subprocess: SERVING on entry, stopped with SIGTERM on exit.
+
+    Unlike launcher.ServerProcess it keeps this environment as it is (ROME on, INFO logs, progress
+    bars), and writes its log where the results go; first-start indexing progress is shown.
+    """
     port, metrics_port = free_port(), free_port()
     scratch = None
     log_path = options.log_path
@@ -139,20 +103,33 @@ def running_server(options: ServerOptions) -> Iterator[Server]:
     )
     env.update(options.extra_env or {})
     script = BIN / "openemploi"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "server.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-P", "-m", "openemploi.cli"]
     command += ["serve", "--port", str(port)]
-    say(f"starting {' '.join(command)} (collections {options.collections_dir}, rome {'on' if options.rome else 'off'}, log {log_path})")
+    say(
+        f"starting {' '.join(command)} (collections {options.collections_dir}, rome {'on' if options.rome else 'off'}, log {log_path})"
+    )
+    shown = {"progress": "", "at": 0.0}
+
+    def show_progress() -> None:
+        progress = last_progress(log_path)
+        if progress and progress != shown["progress"] and time.monotonic() - float(shown["at"]) > 5.0:
+            say(f"  server: {progress}")
+            shown.update(progress=progress, at=time.monotonic())
+
     t0 = time.perf_counter()
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     try:
-        address = f"127.0.0.1:{port}"
-        wait_serving(process, address, log_path, options.ready_timeout_s)
+        address = f"{HOST}:{port}"
+        try:
+            wait_serving(address, options.ready_timeout_s, process, on_poll=show_progress)
+        except (RuntimeError, TimeoutError) as exc:
+            raise type(exc)(f"{exc}:\n{log_tail(log_path)}") from None
         say(f"server pid {process.pid} SERVING on {address} after {time.perf_counter() - t0:.1f}s (metrics :{metrics_port})")
         yield Server(address, process.pid, metrics_port, log_path)
     finally:
-        code = stop_server(process)
-        say(f"server stopped (exit {code})")
+        code = stop_process(process, grace_s=30.0)
+        say(f"server stopped (exit {code}{', SIGKILL after 30 s' if code == -signal.SIGKILL else ''})")
         if scratch is not None:
             scratch.cleanup()
 
@@ -172,8 +149,15 @@ def summary_table(stats_json: Path) -> str:
     """Requests, failures and latency per method from locust's final JSON stats (`--json-file`):
     unlike the CSV, written every second, it includes the calls that ended while locust stopped."""
     entries = json.loads(stats_json.read_text())
-    total: dict = {"name": "Aggregated", "num_requests": 0, "num_failures": 0, "response_times": Counter(), "max_response_time": 0,
-                   "start_time": min((e["start_time"] for e in entries), default=0), "last_request_timestamp": 0}
+    total: dict = {
+        "name": "Aggregated",
+        "num_requests": 0,
+        "num_failures": 0,
+        "response_times": Counter(),
+        "max_response_time": 0,
+        "start_time": min((e["start_time"] for e in entries), default=0),
+        "last_request_timestamp": 0,
+    }
     for e in entries:
         e["response_times"] = {int(k): v for k, v in e["response_times"].items()}
         total["num_requests"] += e["num_requests"]
@@ -183,13 +167,14 @@ def summary_table(stats_json: Path) -> str:
         total["last_request_timestamp"] = max(total["last_request_timestamp"], e["last_request_timestamp"] or 0)
     header = f"{'method':<22} {'requests':>9} {'failures':>9} {'req/s':>6} {'median':>7} {'p95':>7} {'p99':>7} {'max':>7}  (ms)"
     lines = [header, "-" * len(header)]
-    for e in sorted(entries, key=lambda e: e["name"]) + [total]:
+    for e in [*sorted(entries, key=lambda e: e["name"]), total]:
         n = e["num_requests"]
         seconds = max((e["last_request_timestamp"] or 0) - (e["start_time"] or 0), 1e-9)
         cells = [percentile(e["response_times"], n, q) for q in (0.5, 0.95, 0.99)]
         lines.append(
             f"{e['name']:<22} {n:>9} {e['num_failures']:>9} {n / seconds:>6.1f} "
-            + " ".join(f"{c:>7}" for c in cells) + f" {float(e['max_response_time'] or 0):>7.0f}"
+            + " ".join(f"{c:>7}" for c in cells)
+            + f" {float(e['max_response_time'] or 0):>7.0f}"
         )
     return "\n".join(lines)
 
@@ -202,10 +187,26 @@ def run_locust(host: str, args: argparse.Namespace, prefix: Path) -> int:
         return seed.returncode
     locust = BIN / "locust"
     command = [
-        str(locust) if locust.exists() else sys.executable, *([] if locust.exists() else ["-m", "locust"]),
-        "-f", str(LOCUSTFILE), "--headless", "--only-summary",
-        "-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.run_time, "--host", host,
-        "--csv", str(prefix), "--html", f"{prefix}.html", "--json-file", str(prefix),
+        str(locust) if locust.exists() else sys.executable,
+        *([] if locust.exists() else ["-m", "locust"]),
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--only-summary",
+        "-u",
+        str(args.users),
+        "-r",
+        str(args.spawn_rate),
+        "-t",
+        args.run_time,
+        "--host",
+        host,
+        "--csv",
+        str(prefix),
+        "--html",
+        f"{prefix}.html",
+        "--json-file",
+        str(prefix),
     ]
     say("running " + " ".join(command))
     return subprocess.run(command, cwd=ROOT, env=env, check=False).returncode
@@ -217,8 +218,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--spawn-rate", type=float, default=4.0, help="users started per second")
     parser.add_argument("--run-time", default="60s", help="locust duration, e.g. 30s, 2m")
     parser.add_argument("--host", default=None, help="an already running server (host:port); default: start one")
-    parser.add_argument("--no-rome", action="store_true", help="started server: no ROME collection (MatchProfile replaces MatchOccupation)")
-    parser.add_argument("--collections-dir", type=Path, default=CACHE_DIR, help="started server's collections (kept between runs)")
+    parser.add_argument(
+        "--no-rome", action="store_true", help="started server: no ROME collection (MatchProfile replaces MatchOccupation)"
+    )
+    parser.add_argument(
+        "--collections-dir", type=Path, default=CACHE_DIR, help="started server's collections (kept between runs)"
+    )
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -237,7 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     stats = Path(f"{prefix}.json")
     if stats.is_file():
-        print(f"\nlocust: {args.users} users, spawn rate {args.spawn_rate}/s, {args.run_time} (CSV {prefix}_*.csv, HTML {prefix}.html)")
+        print(
+            f"\nlocust: {args.users} users, spawn rate {args.spawn_rate}/s, {args.run_time} (CSV {prefix}_*.csv, HTML {prefix}.html)"
+        )
         print(summary_table(stats))
     return code
 

@@ -15,7 +15,7 @@ Traffic mix (task weights), modelled on a job board in front of the service:
     (`--no-rome`) it is replaced by MatchProfile over `loadtest`, same weight.
 
 Inputs are the repository's own French texts: the probe corpus
-(server/modelrepo/probe/fr_probe.json), the ROME catalogue (server/matching/data/) and
+(server/build/probe/fr_probe.json), the ROME catalogue (server/matching/data/) and
 the ROME dev queries (benchmarks/data/rome_dev.jsonl); see benchmarks/data/README.md.
 
     .venv/bin/locust -f benchmarks/locustfile.py --host 127.0.0.1:50051       # web UI on :8089
@@ -23,6 +23,7 @@ the ROME dev queries (benchmarks/data/rome_dev.jsonl); see benchmarks/data/READM
 
 OPENEMPLOI_TOKEN, when set, is sent as `authorization: Bearer <token>` metadata.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,6 @@ import functools
 import json
 import os
 import random
-import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -40,14 +40,9 @@ from typing import Any
 
 import grpc
 import grpc.experimental.gevent as grpc_gevent
-
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "proto"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
 from locust import User, between, events, task
 from locust.env import Environment
+
 from openemploi.v1 import (
     embedding_pb2,
     embedding_pb2_grpc,
@@ -61,7 +56,8 @@ grpc_gevent.init_gevent()  # before any channel: grpc's blocking calls then yiel
 
 COLLECTION = "loadtest"
 ROME = "rome"
-PROBE = ROOT / "server" / "modelrepo" / "probe" / "fr_probe.json"
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = ROOT / "server" / "build" / "probe" / "fr_probe.json"
 ROME_DEV = ROOT / "benchmarks" / "data" / "rome_dev.jsonl"
 OCCUPATIONS_IN_COLLECTION = 299  # with the 201 probe passages: 500 documents
 CONTRACTS = ("CDI", "CDD", "Intérim", "Alternance", "Saisonnier")
@@ -85,7 +81,7 @@ def _pick(options: Sequence[str], key: str) -> str:
 @functools.cache
 def corpus() -> Corpus:
     """Derived deterministically from files shipped in the repository (no download)."""
-    from server.matching.catalogue import load_catalogue
+    from openemploi.matching.catalogue import load_catalogue
 
     probe = json.loads(PROBE.read_text(encoding="utf-8"))
     retrieval = probe["retrieval"]
@@ -100,8 +96,10 @@ def corpus() -> Corpus:
     for occupation in occupations[::step][:OCCUPATIONS_IN_COLLECTION]:
         text = f"{occupation.label} H/F. Missions : {' ; '.join(occupation.tasks)}." if occupation.tasks else occupation.label
         meta = {
-            "source": "rome", "code": occupation.code,
-            "contrat": _pick(CONTRACTS, occupation.code), "region": _pick(REGIONS, occupation.code + "r"),
+            "source": "rome",
+            "code": occupation.code,
+            "contrat": _pick(CONTRACTS, occupation.code),
+            "region": _pick(REGIONS, occupation.code + "r"),
         }
         documents.append(index_pb2.Document(id=f"rome-{occupation.code}", text=text, metadata=meta, skills=occupation.skills))
     passages = tuple(d.text for d in documents) + tuple(t for t in probe["texts"][20:] if t.strip())
@@ -118,7 +116,7 @@ def grpc_target(host: str) -> str:
     """Locust's --host as a gRPC target: accepts `host:port` or `grpc://host:port`."""
     for scheme in ("grpc://", "http://", "https://"):
         if host.startswith(scheme):
-            return host[len(scheme):].rstrip("/")
+            return host[len(scheme) :].rstrip("/")
     return host
 
 
@@ -129,7 +127,10 @@ def prepare_collection(channel: grpc.Channel, log: Callable[[str], None] = print
     stub = index_pb2_grpc.IndexServiceStub(channel)
     metadata = auth_metadata()
     documents = corpus().documents
-    sizes = {c.name: c.size for c in stub.ListCollections(index_pb2.ListCollectionsRequest(), timeout=TIMEOUT_S, metadata=metadata).collections}
+    sizes = {
+        c.name: c.size
+        for c in stub.ListCollections(index_pb2.ListCollectionsRequest(), timeout=TIMEOUT_S, metadata=metadata).collections
+    }
     if sizes.get(COLLECTION, 0) >= len(documents):
         return sizes[COLLECTION]
     if COLLECTION not in sizes:
@@ -183,8 +184,12 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):
         except grpc.RpcError as exc:
             exception = exc
         self._env.events.request.fire(
-            request_type="grpc", name=name, response_time=(time.perf_counter() - start) * 1000.0,
-            response_length=length, exception=exception, context={},
+            request_type="grpc",
+            name=name,
+            response_time=(time.perf_counter() - start) * 1000.0,
+            response_length=length,
+            exception=exception,
+            context={},
         )
         return call
 
@@ -209,9 +214,11 @@ class OpenEmploiUser(User):
 
     def on_start(self) -> None:
         # Not through the interceptor: set-up is not part of the measured traffic.
-        collections = index_pb2_grpc.IndexServiceStub(self._channel).ListCollections(
-            index_pb2.ListCollectionsRequest(), timeout=TIMEOUT_S, metadata=auth_metadata()
-        ).collections
+        collections = (
+            index_pb2_grpc.IndexServiceStub(self._channel)
+            .ListCollections(index_pb2.ListCollectionsRequest(), timeout=TIMEOUT_S, metadata=auth_metadata())
+            .collections
+        )
         self.has_rome = any(c.name == ROME and c.size > 0 for c in collections)
 
     def on_stop(self) -> None:
@@ -250,7 +257,9 @@ class OpenEmploiUser(User):
             self._call(self.match.MatchOccupation, match_pb2.MatchOccupationRequest(text=text, k=5))
         else:
             skills = self.rng.sample(self.corpus.skills, min(3, len(self.corpus.skills)))
-            self._call(self.match.MatchProfile, match_pb2.MatchProfileRequest(collection=COLLECTION, text=text, skills=skills, k=10))
+            self._call(
+                self.match.MatchProfile, match_pb2.MatchProfileRequest(collection=COLLECTION, text=text, skills=skills, k=10)
+            )
 
 
 @events.test_start.add_listener

@@ -20,6 +20,7 @@ Starts ``openemploi serve`` in its own process (this process is the client, with
 Prints one table and writes JSON to benchmarks/results/overload-<date>-<host>[-quick].json.
 The machine may be shared: the report carries the CPU used by other tenants during each phase.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,19 +39,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+import embed_bench as eb  # benchmarks/ helpers: percentiles, CPU meter, machine info, stop reports
 
-import embed_bench as eb  # benchmarks/ helpers: server start/stop, percentiles, CPU meter
+from openemploi.testing.launcher import ServerProcess
 
 ROOT = eb.ROOT
-RESULTS_DIR = HERE / "results"
+RESULTS_DIR = ROOT / "benchmarks" / "results"
 REFUSAL_TARGET_MS = 5.0
 P99_TARGET_FACTOR = 2.0
 NORMAL_TIMEOUT_S = 5.0
-MAX_OUTSTANDING = 20_000
-BULK_TEXTS = 32  # the shutdown phase's long request: certainly in flight when SIGTERM lands  # client-side guard: an open loop must not eat this machine's memory
+MAX_OUTSTANDING = 20_000  # client-side guard: an open loop must not eat this machine's memory
+BULK_TEXTS = 32  # the shutdown phase's long request: certainly in flight when SIGTERM lands
 
 
 @dataclass(frozen=True)
@@ -121,29 +120,30 @@ class Server:
 
 @contextlib.contextmanager
 def running_server(overrides: dict[str, str], ready_timeout_s: float = 240.0) -> Iterator[Server]:
-    """`openemploi serve` on a free port with `overrides` in its environment; SIGTERM'd on exit."""
-    port = eb.free_port()
-    scratch = tempfile.TemporaryDirectory(prefix="overload-server-")
-    log_path = Path(scratch.name) / "server.log"
-    env = eb.server_environment(Path(scratch.name) / "collections")
-    env.update(overrides)
-    t0 = time.perf_counter()
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            eb.serve_command(port), cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env
+    """`openemploi serve` on a free port with `overrides` (and the shell's OPENEMPLOI_* settings) in its
+    environment; SIGTERM'd on exit unless the shutdown phase already stopped it."""
+    with tempfile.TemporaryDirectory(prefix="overload-server-") as scratch:
+        launched = ServerProcess(
+            Path(scratch) / "collections",
+            Path(scratch),
+            cwd=ROOT,
+            env={**eb.SERVER_ENV, **overrides},
+            ready_timeout_s=ready_timeout_s,
+            keep_settings=True,
         )
-    server = Server(process, port, log_path, overrides)
-    try:
-        eb.wait_serving(process, port, log_path, ready_timeout_s)
-        server.ready_s = time.perf_counter() - t0
-        progress(f"server pid {process.pid} SERVING on port {port} after {server.ready_s:.1f}s")
-        yield server
-    finally:
-        if not server.stop:
-            server.stop = eb.stop_process(process, grace_s=30.0)
-        if process.returncode not in (0, None):
-            progress(f"server log (tail):\n{eb.log_tail(log_path)}")
-        scratch.cleanup()
+        server: Server | None = None
+        try:
+            ready_s = launched.start()
+            assert launched.process is not None and launched.log_path is not None
+            server = Server(launched.process, launched.port, launched.log_path, overrides, ready_s)
+            progress(f"server pid {launched.pid} SERVING on port {launched.port} after {ready_s:.1f}s")
+            yield server
+        finally:
+            if launched.process is not None:
+                if server is not None and not server.stop:
+                    server.stop = eb.stop_report(launched.process, grace_s=30.0)
+                if launched.process.returncode not in (0, None):
+                    progress(f"server log (tail):\n{launched.log_tail(20)}")
 
 
 # --------------------------------------------------------------------------- client
@@ -152,6 +152,7 @@ def running_server(overrides: dict[str, str], ready_timeout_s: float = 240.0) ->
 class Client:
     def __init__(self, port: int, queries: Sequence[str]) -> None:
         import grpc
+
         from openemploi.v1 import embedding_pb2, embedding_pb2_grpc
 
         self._grpc = grpc
@@ -181,7 +182,11 @@ class Client:
         if code == "OK":
             stages = {k: v for k, v in (await call.trailing_metadata() or ())}
         return Call(
-            sent, latency_ms, code, timeout_s * 1e3, unmeetable,
+            sent,
+            latency_ms,
+            code,
+            timeout_s * 1e3,
+            unmeetable,
             float(stages.get("x-openemploi-queue-ms", "nan")) if stages else None,
             float(stages.get("x-openemploi-inference-ms", "nan")) if stages else None,
         )
@@ -304,7 +309,9 @@ async def sample_rss(server: Server, samples: list[tuple[float, float]], stop: a
             await asyncio.wait_for(stop.wait(), 0.25)
 
 
-async def overload(client: Client, server: Server, plan: Plan, rate: float, tight_deadline_s: float, tight_share: float) -> dict[str, Any]:
+async def overload(
+    client: Client, server: Server, plan: Plan, rate: float, tight_deadline_s: float, tight_share: float
+) -> dict[str, Any]:
     rss_before = server.rss_mb()
     samples: list[tuple[float, float]] = []
     stop = asyncio.Event()
@@ -339,7 +346,9 @@ async def overload(client: Client, server: Server, plan: Plan, rate: float, tigh
         # inference, and the rest (gRPC, tokenisation, both event loops: what a busy machine inflates)
         "ok_server_queue_ms": pct([c.queue_ms for c in ok if c.queue_ms is not None]),
         "ok_server_inference_ms": pct([c.inference_ms for c in ok if c.inference_ms is not None]),
-        "ok_other_ms": pct([c.latency_ms - c.queue_ms - c.inference_ms for c in ok if c.queue_ms is not None and c.inference_ms is not None]),
+        "ok_other_ms": pct(
+            [c.latency_ms - c.queue_ms - c.inference_ms for c in ok if c.queue_ms is not None and c.inference_ms is not None]
+        ),
         "resource_exhausted_latency_ms": pct(exhausted),
         "resource_exhausted_within_target": (
             sum(v <= REFUSAL_TARGET_MS for v in exhausted) / len(exhausted) if exhausted else None
@@ -361,7 +370,9 @@ async def overload(client: Client, server: Server, plan: Plan, rate: float, tigh
             "samples": [[round(t, 2), round(r, 1)] for t, r in samples],
         },
         "cpu": cpu,
-        "other_failures": {k: v for k, v in codes_of(calls).items() if k not in ("OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")},
+        "other_failures": {
+            k: v for k, v in codes_of(calls).items() if k not in ("OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")
+        },
     }
 
 
@@ -455,31 +466,74 @@ def print_table(report: dict[str, Any]) -> None:
     e = report["evaluation"]
     target_p99 = P99_TARGET_FACTOR * u["p99"] if u.get("p99") else None
     rows = [
-        ("server config", " ".join(f"{k}={v}" for k, v in report["config"]["server_env_overrides"].items() if k != "OPENEMPLOI_COLLECTIONS_DIR")),
+        (
+            "server config",
+            " ".join(
+                f"{k}={v}" for k, v in report["config"]["server_env_overrides"].items() if k != "OPENEMPLOI_COLLECTIONS_DIR"
+            ),
+        ),
         ("unloaded p50 / p99", f"{fmt(u.get('p50'))} / {fmt(u.get('p99'))} ms ({report['unloaded']['ok']} sequential requests)"),
         ("capacity", f"{fmt(cap['ok_per_s'])} OK/s (closed loop, best at {cap['at_concurrency']} clients)"),
-        ("overload offered", f"{fmt(o['offered_per_s'])} req/s = {report['config']['factor']:g} x capacity, Poisson, {o['seconds']:g} s, {o['sent']} sent"),
-        ("  admitted (OK)", f"{o['codes'].get('OK', 0)} ({fmt(o['ok_per_s'])}/s); p50 {fmt(ok.get('p50'))}, p99 {fmt(ok.get('p99'))} ms"),
-        ("  admitted p99 target", f"<= {P99_TARGET_FACTOR:g} x unloaded p99 = {fmt(target_p99)} ms: {verdict(e['admitted_p99_ok'])} (ratio {fmt(e['admitted_p99_vs_unloaded'], '.2f')})"),
-        ("  RESOURCE_EXHAUSTED", f"{o['codes'].get('RESOURCE_EXHAUSTED', 0)}; p50 {fmt(re_.get('p50'), '.2f')}, p99 {fmt(re_.get('p99'), '.2f')} ms; <= {REFUSAL_TARGET_MS:g} ms: {verdict(e['refusal_p99_ok'])} ({fmt(100 * o['resource_exhausted_within_target'] if o['resource_exhausted_within_target'] is not None else None)}% within)"),
-        ("  admitted time split p99", f"server queue {fmt((o['ok_server_queue_ms'] or {}).get('p99'))}, inference {fmt((o['ok_server_inference_ms'] or {}).get('p99'))}, rest (gRPC, tokenise, loops) {fmt((o['ok_other_ms'] or {}).get('p99'))} ms (p50: {fmt((o['ok_server_queue_ms'] or {}).get('p50'))} / {fmt((o['ok_server_inference_ms'] or {}).get('p50'))} / {fmt((o['ok_other_ms'] or {}).get('p50'))})"),
-        ("  DEADLINE_EXCEEDED", f"{d['refused_early']} refused at submit (p50 {fmt((d['refused_early_latency_ms'] or {}).get('p50'), '.2f')} ms), {d['expired']} expired (served late); tight deadline {d['tight_deadline_ms']:.0f} ms on {d['tight_sent']}: {d['tight_ok']} OK, {d['tight_refused_early']} refused at submit"),
+        (
+            "overload offered",
+            f"{fmt(o['offered_per_s'])} req/s = {report['config']['factor']:g} x capacity, Poisson, {o['seconds']:g} s, {o['sent']} sent",
+        ),
+        (
+            "  admitted (OK)",
+            f"{o['codes'].get('OK', 0)} ({fmt(o['ok_per_s'])}/s); p50 {fmt(ok.get('p50'))}, p99 {fmt(ok.get('p99'))} ms",
+        ),
+        (
+            "  admitted p99 target",
+            f"<= {P99_TARGET_FACTOR:g} x unloaded p99 = {fmt(target_p99)} ms: {verdict(e['admitted_p99_ok'])} (ratio {fmt(e['admitted_p99_vs_unloaded'], '.2f')})",
+        ),
+        (
+            "  RESOURCE_EXHAUSTED",
+            f"{o['codes'].get('RESOURCE_EXHAUSTED', 0)}; p50 {fmt(re_.get('p50'), '.2f')}, p99 {fmt(re_.get('p99'), '.2f')} ms; <= {REFUSAL_TARGET_MS:g} ms: {verdict(e['refusal_p99_ok'])} ({fmt(100 * o['resource_exhausted_within_target'] if o['resource_exhausted_within_target'] is not None else None)}% within)",
+        ),
+        (
+            "  admitted time split p99",
+            f"server queue {fmt((o['ok_server_queue_ms'] or {}).get('p99'))}, inference {fmt((o['ok_server_inference_ms'] or {}).get('p99'))}, rest (gRPC, tokenise, loops) {fmt((o['ok_other_ms'] or {}).get('p99'))} ms (p50: {fmt((o['ok_server_queue_ms'] or {}).get('p50'))} / {fmt((o['ok_server_inference_ms'] or {}).get('p50'))} / {fmt((o['ok_other_ms'] or {}).get('p50'))})",
+        ),
+        (
+            "  DEADLINE_EXCEEDED",
+            f"{d['refused_early']} refused at submit (p50 {fmt((d['refused_early_latency_ms'] or {}).get('p50'), '.2f')} ms), {d['expired']} expired (served late); tight deadline {d['tight_deadline_ms']:.0f} ms on {d['tight_sent']}: {d['tight_ok']} OK, {d['tight_refused_early']} refused at submit",
+        ),
         ("  other failures", json.dumps(o["other_failures"]) if o["other_failures"] else "none"),
-        ("server RSS", f"before {fmt(rss['before'])} MiB, max during {fmt(rss['max_during'])} MiB, after {fmt(rss['after'])} MiB"),
-        ("CPU during overload", f"server {fmt(o['cpu'].get('server_cores'), '.2f')} cores, client {fmt(o['cpu'].get('self_cores'), '.2f')}, other tenants {fmt(o['cpu'].get('other_cores'), '.2f')}"),
-        ("shutdown (SIGTERM)", f"{s['in_flight_at_sigterm']} in flight ({s['in_flight_admitted']} admitted): {s['in_flight_ok']} OK, {s['in_flight_failed']} failed; drain: {verdict(e['drain_ok'])}"),
-        ("  after SIGTERM", f"{s['sent_after_sigterm']} sent: {json.dumps(s['after_codes'])}; exit code {s['exit_code']} after {fmt(s['exit_s_after_sigterm'], '.2f')} s"),
+        (
+            "server RSS",
+            f"before {fmt(rss['before'])} MiB, max during {fmt(rss['max_during'])} MiB, after {fmt(rss['after'])} MiB",
+        ),
+        (
+            "CPU during overload",
+            f"server {fmt(o['cpu'].get('server_cores'), '.2f')} cores, client {fmt(o['cpu'].get('self_cores'), '.2f')}, other tenants {fmt(o['cpu'].get('other_cores'), '.2f')}",
+        ),
+        (
+            "shutdown (SIGTERM)",
+            f"{s['in_flight_at_sigterm']} in flight ({s['in_flight_admitted']} admitted): {s['in_flight_ok']} OK, {s['in_flight_failed']} failed; drain: {verdict(e['drain_ok'])}",
+        ),
+        (
+            "  after SIGTERM",
+            f"{s['sent_after_sigterm']} sent: {json.dumps(s['after_codes'])}; exit code {s['exit_code']} after {fmt(s['exit_s_after_sigterm'], '.2f')} s",
+        ),
     ]
     b = report.get("baseline_admission_off")
     if b:
         bok = b["ok_latency_ms"] or {}
         rows += [
-            ("same overload, admission off", f"max_queue_delay_ms=0: {b['codes'].get('OK', 0)} OK ({fmt(b['ok_per_s'])}/s); p50 {fmt(bok.get('p50'))}, p99 {fmt(bok.get('p99'))} ms; codes {json.dumps(b['codes'])}"),
-            ("  its RSS / deadlines", f"max {fmt(b['rss_mb']['max_during'])} MiB (before {fmt(b['rss_mb']['before'])}); {b['deadline']['refused_early']} refused at submit, {b['deadline']['expired']} expired; tight: {b['deadline']['tight_ok']} OK; other tenants {fmt(b['cpu'].get('other_cores'), '.2f')} cores"),
+            (
+                "same overload, admission off",
+                f"max_queue_delay_ms=0: {b['codes'].get('OK', 0)} OK ({fmt(b['ok_per_s'])}/s); p50 {fmt(bok.get('p50'))}, p99 {fmt(bok.get('p99'))} ms; codes {json.dumps(b['codes'])}",
+            ),
+            (
+                "  its RSS / deadlines",
+                f"max {fmt(b['rss_mb']['max_during'])} MiB (before {fmt(b['rss_mb']['before'])}); {b['deadline']['refused_early']} refused at submit, {b['deadline']['expired']} expired; tight: {b['deadline']['tight_ok']} OK; other tenants {fmt(b['cpu'].get('other_cores'), '.2f')} cores",
+            ),
         ]
     width = max(len(k) for k, _ in rows)
     print()
-    print(f"{'overload benchmark'.ljust(width)}  {report['started_utc']}  ({report['machine']['hostname']}, {report['machine']['cpu_count']} cpus)")
+    print(
+        f"{'overload benchmark'.ljust(width)}  {report['started_utc']}  ({report['machine']['hostname']}, {report['machine']['cpu_count']} cpus)"
+    )
     print("-" * (width + 2 + 90))
     for key, value in rows:
         print(f"{key.ljust(width)}  {value}")
@@ -524,17 +578,29 @@ async def run_baseline(args: argparse.Namespace, server: Server, plan: Plan, rat
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="about a minute: shorter phases")
-    parser.add_argument("--max-queue-delay-ms", type=float, default=15.0,
-                        help="the server's batching.max_queue_delay_ms (0 = admission by time off); "
-                        "15 = about the unloaded p50 of a short query on 2 quiet CPU cores")
+    parser.add_argument(
+        "--max-queue-delay-ms",
+        type=float,
+        default=15.0,
+        help="the server's batching.max_queue_delay_ms (0 = admission by time off); "
+        "15 = about the unloaded p50 of a short query on 2 quiet CPU cores",
+    )
     parser.add_argument("--factor", type=float, default=4.0, help="overload rate as a multiple of measured capacity")
     parser.add_argument("--overload-s", type=float, default=None, help="overload duration (default 30, quick 15)")
     parser.add_argument("--tight-share", type=float, default=0.1, help="share of overload requests with a tight deadline")
     parser.add_argument("--tight-deadline-ms", type=float, default=0.0, help="tight deadline (default 1.5 x unloaded p50)")
-    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra OPENEMPLOI_* setting for the server (repeatable), e.g. OPENEMPLOI_BACKEND_INTRA_OP_THREADS=1")
-    parser.add_argument("--no-baseline", action="store_true",
-                        help="skip the same overload against a server with admission by time off (full run only)")
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra OPENEMPLOI_* setting for the server (repeatable), e.g. OPENEMPLOI_BACKEND_INTRA_OP_THREADS=1",
+    )
+    parser.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the same overload against a server with admission by time off (full run only)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     plan = Plan.of(args.quick, args.overload_s)

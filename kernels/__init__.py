@@ -1,4 +1,4 @@
-"""numba kernels (pooling, score fusion + top-k, skill overlap), each with a numpy reference.
+"""numba kernels (pooling, score fusion + top-k), each with a numpy reference.
 
 Every kernel comes in four functions of the same signature:
 
@@ -13,6 +13,7 @@ Every kernel comes in four functions of the same signature:
 ``benchmarks/kernels_bench.py`` measures each numba kernel against its numpy reference; the product
 uses a kernel only where the numba version is faster (see the verdicts in that benchmark's JSON).
 """
+
 from ._dispatch import BACKENDS, BackendUnavailable, cuda_available
 from .fusion import (
     RRF_K,
@@ -28,12 +29,6 @@ from .pooling import (
     mean_pool_normalize_cuda,
     mean_pool_normalize_numba,
     mean_pool_normalize_reference,
-)
-from .skills import (
-    skill_overlap,
-    skill_overlap_cuda,
-    skill_overlap_numba,
-    skill_overlap_reference,
 )
 
 __all__ = [
@@ -51,8 +46,4 @@ __all__ = [
     "mean_pool_normalize_cuda",
     "mean_pool_normalize_numba",
     "mean_pool_normalize_reference",
-    "skill_overlap",
-    "skill_overlap_cuda",
-    "skill_overlap_numba",
-    "skill_overlap_reference",
 ]

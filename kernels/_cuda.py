@@ -1,7 +1,8 @@
 """The numba CUDA kernels, in a module of their own: ``numba.cuda`` is imported only when a CUDA
 path runs, and module-level kernels are what the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) can
-patch. Launch wrappers, validation and the specification live in pooling.py, fusion.py, skills.py.
+patch. Launch wrappers, validation and the specification live in pooling.py and fusion.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,6 @@ from numba import cuda, float32
 NORM_EPS = 1e-12
 POOL_MAX_THREADS = 256  # shared-memory size of the norm reduction; launches use a power of two <= this
 RRF_K = 60  # as in fusion.py
-_BAD_INDPTR, _BAD_ORDER, _BAD_ID = -1, -2, -3  # as in skills.py
 
 
 # -- pooling: one block per row ---------------------------------------------------------------------
@@ -139,51 +139,3 @@ def fusion_select(dense_ids, lexical_ids, is_first, dr, lr, score, k, out_ids, o
         out_scores[rank] = s
         out_dr[rank] = dr[pos]
         out_lr[rank] = lr[pos]
-
-
-# -- skills: one thread per item ------------------------------------------------------------------
-@cuda.jit
-def overlap_kernel(profile, indptr, skill_ids, weights, weighted, share, matched, bad):  # pragma: no cover
-    i = cuda.grid(1)
-    m = indptr.shape[0] - 1
-    if i >= m:
-        return
-    nnz = skill_ids.shape[0]
-    n_profile = profile.shape[0]
-    start = indptr[i]
-    end = indptr[i + 1]
-    status = 0
-    count = 0
-    got = 0.0
-    total = 0.0
-    if start < 0 or end < start or end > nnz:
-        status = _BAD_INDPTR
-    else:
-        p = 0
-        prev = 0
-        for j in range(start, end):
-            s = skill_ids[j]
-            if j > start and s <= prev:
-                status = _BAD_ORDER
-                break
-            prev = s
-            w = 1.0
-            if weighted:
-                if s < 0 or s >= weights.shape[0]:
-                    status = _BAD_ID
-                    break
-                w = float(weights[s])
-            total += w
-            while p < n_profile and profile[p] < s:
-                p += 1
-            if p < n_profile and profile[p] == s:
-                count += 1
-                got += w
-                p += 1
-    if status != 0:
-        cuda.atomic.add(bad, 0, 1)
-        matched[i] = status
-        share[i] = 0.0
-    else:
-        matched[i] = count
-        share[i] = got / total if total > 0.0 else 0.0

@@ -7,6 +7,7 @@
 outputs come back as numpy arrays); it raises when ``numba.cuda.is_available()`` is false.
 ``numba.cuda`` is imported only when a CUDA path is considered, never for host inputs.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,11 +33,11 @@ def on_device(x: Any) -> bool:
 def cuda_available() -> bool:
     try:
         from numba import cuda
-    except Exception:  # noqa: BLE001 - pragma: no cover - numba without its cuda package
+    except Exception:  # pragma: no cover - numba without its cuda package
         return False
     try:
         return bool(cuda.is_available())
-    except Exception:  # noqa: BLE001 - pragma: no cover - a broken driver means no CUDA
+    except Exception:  # pragma: no cover - a broken driver means no CUDA
         return False
 
 

@@ -1,16 +1,15 @@
 """Fusion of a dense and a lexical candidate list, then top-k; the kernel of ``Collection._fuse``.
 
-Inputs: ``dense_ids int64[a]`` with ``dense_scores float32[a]`` and ``lexical_ids int64[b]`` with
-``lexical_scores float32[b]`` (bm25, higher = better), each list best-first (rank 1 = index 0).
-Scores are read as float64, so float64 scores (the store's bm25) may be passed as they are and
-keep ``_fuse``'s arithmetic exactly. ``_fuse`` also drops candidates that the store no longer
-has; a caller removes them from both lists before calling.
+Inputs: ``dense_ids int64[a]`` with ``dense_scores[a]`` and ``lexical_ids int64[b]`` with
+``lexical_scores[b]`` (bm25, higher = better), each list best-first (rank 1 = index 0). Scores are
+read as float64, so the store's float64 bm25 scores go through without rounding. Candidates that
+the store no longer has must be removed from both lists before the call (``Collection._fuse``
+does): the kernel scores every id it is given.
 
 Candidates (the *union*) are the distinct ids of ``dense_ids`` then ``lexical_ids``, in first-seen
-order: ``fusion_candidates(dense_ids, lexical_ids)``, the order of ``dict.fromkeys(dense + lexical)``
-in ``_fuse``.
+order: ``fusion_candidates(dense_ids, lexical_ids)``.
 
-Scores, computed in float64 exactly as ``_fuse`` computes them:
+Scores, computed in float64:
 
 * ``mode="rrf"``: ``sum over the lists that hold the id of 1 / (60 + rank)``, 1-based ranks.
   Only the ranks matter: ``dense_scores``, ``lexical_scores`` and ``union_dense`` are not read.
@@ -18,27 +17,27 @@ Scores, computed in float64 exactly as ``_fuse`` computes them:
   ``lexical`` the id's lexical score (0 when absent from the lexical list) and ``top`` the largest
   lexical score, or 1 when there is none or it is 0 (``max(..., default=0) or 1``).
 
-  **Contract**: ``union_dense float32[u]`` (required in this mode) holds the dense score of every
-  candidate, aligned with ``fusion_candidates(dense_ids, lexical_ids)``. ``_fuse`` recomputes the
-  exact cosine of every candidate, including the lexical-only ones that the dense search did not
-  return, so the caller computes them (``vectors[union] @ query``) and passes them here;
-  ``dense_scores`` is not read (it is there so FAISS output can be passed as is, and for
-  validation of its length). A length other than ``u`` is a ``ValueError``.
+  **Contract**: ``union_dense[u]`` (required in this mode, read as float64) holds the dense score
+  of every candidate, aligned with ``fusion_candidates(dense_ids, lexical_ids)``. The dense search
+  returns no score for the lexical-only candidates, so the caller computes the exact cosine of
+  every candidate (``vectors[union] @ query``) and passes them here; ``dense_scores`` is not read
+  (it is there so FAISS output can be passed as is, and for validation of its length). A length
+  other than ``u`` is a ``ValueError``.
 
 Output: ``Fused(ids int64[r], scores float32[r], dense_rank int32[r], lexical_rank int32[r])``
-with ``r = min(k, u)``, sorted by score descending, ties by smaller id (the sort key of ``_fuse``,
-applied to the float64 scores; ``scores`` are those rounded to float32). A rank is 0 when the id is
-not in that list. The lexical score of a hit is ``lexical_scores[lexical_rank - 1]`` when
-``lexical_rank > 0``.
+with ``r = min(k, u)``, sorted by score descending, ties by smaller id (applied to the float64
+scores; ``scores`` are those rounded to float32). A rank is 0 when the id is not in that list.
+The lexical score of a hit is ``lexical_scores[lexical_rank - 1]`` when ``lexical_rank > 0``.
 
 On a real GPU, NVVM contracts multiply-adds into FMAs by default, so the CUDA kernel's weighted
 scores may differ from the CPU ones in the last bit, which can swap two candidates whose scores
 differ by about one ulp (the simulator, and the rrf mode, match the CPU exactly).
 
 Duplicated ids inside one list are not expected (FAISS and FTS5 return distinct rows); if there
-are some, the *last* occurrence gives the rank and the lexical score, as the dict comprehensions
-of ``_fuse`` do. NaN scores are not supported.
+are some, the *last* occurrence gives the rank and the lexical score, as ``dict(lexical)`` does for
+the lexical score ``Collection._fuse`` shows. NaN scores are not supported.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -97,10 +96,12 @@ def _union_mismatch(got: int, want: int) -> ValueError:
 # -- numpy reference ----------------------------------------------------------------------------------
 def fusion_candidates(dense_ids: Any, lexical_ids: Any) -> np.ndarray:
     """The candidates, distinct ids in first-seen order (dense list, then lexical): union_dense's order."""
-    all_ids = np.concatenate([
-        _dispatch.as_int_array(dense_ids, np.int64, "dense_ids"),
-        _dispatch.as_int_array(lexical_ids, np.int64, "lexical_ids"),
-    ])
+    all_ids = np.concatenate(
+        [
+            _dispatch.as_int_array(dense_ids, np.int64, "dense_ids"),
+            _dispatch.as_int_array(lexical_ids, np.int64, "lexical_ids"),
+        ]
+    )
     _, first = np.unique(all_ids, return_index=True)
     return all_ids[np.sort(first)]
 
@@ -115,8 +116,14 @@ def _last_positions(ids: np.ndarray, uniq: np.ndarray) -> np.ndarray:
 
 
 def fuse_topk_reference(
-    dense_ids: Any, dense_scores: Any, lexical_ids: Any, lexical_scores: Any, k: int,
-    mode: str = "rrf", dense_weight: float = 0.7, union_dense: Any = None,
+    dense_ids: Any,
+    dense_scores: Any,
+    lexical_ids: Any,
+    lexical_scores: Any,
+    k: int,
+    mode: str = "rrf",
+    dense_weight: float = 0.7,
+    union_dense: Any = None,
 ) -> Fused:
     """numpy: np.unique over the concatenated ids, vectorised scores, a stable sort."""
     dense_ids, lexical_ids, lexical_scores, k, union_dense, w = _check(
@@ -143,8 +150,10 @@ def fuse_topk_reference(
         score = w * union_dense[union_pos] + (1 - w) * lexical / top
     order = np.argsort(-score, kind="stable")[:k]  # uniq ascending: ties keep the smaller id first
     return Fused(
-        uniq[order], score[order].astype(np.float32),
-        dense_rank[order].astype(np.int32), lexical_rank[order].astype(np.int32),
+        uniq[order],
+        score[order].astype(np.float32),
+        dense_rank[order].astype(np.int32),
+        lexical_rank[order].astype(np.int32),
     )
 
 
@@ -234,7 +243,7 @@ def _fuse_cpu(dense_ids, lexical_ids, lexical_scores, union_dense, k, weighted, 
                 break
             h = (h + 1) & mask
         if pos < a:
-            dr[g] = pos + 1  # last occurrence wins, as in _fuse's dict comprehension
+            dr[g] = pos + 1  # last occurrence wins (see the module docstring)
         else:
             lr[g] = pos - a + 1
             lex[g] = lexical_scores[pos - a]
@@ -278,8 +287,14 @@ def _fuse_cpu(dense_ids, lexical_ids, lexical_scores, union_dense, k, weighted, 
 
 
 def fuse_topk_numba(
-    dense_ids: Any, dense_scores: Any, lexical_ids: Any, lexical_scores: Any, k: int,
-    mode: str = "rrf", dense_weight: float = 0.7, union_dense: Any = None,
+    dense_ids: Any,
+    dense_scores: Any,
+    lexical_ids: Any,
+    lexical_scores: Any,
+    k: int,
+    mode: str = "rrf",
+    dense_weight: float = 0.7,
+    union_dense: Any = None,
 ) -> Fused:
     """numba CPU, single thread (a few hundred candidates: threads would cost more than they save):
     a hash table over the ids, then a heap of the best k (no sort: fast to compile and to run)."""
@@ -294,17 +309,34 @@ def fuse_topk_numba(
 
 # -- numba CUDA ----------------------------------------------------------------------------------------
 def fuse_topk_cuda(
-    dense_ids: Any, dense_scores: Any, lexical_ids: Any, lexical_scores: Any, k: int,
-    mode: str = "rrf", dense_weight: float = 0.7, union_dense: Any = None,
+    dense_ids: Any,
+    dense_scores: Any,
+    lexical_ids: Any,
+    lexical_scores: Any,
+    k: int,
+    mode: str = "rrf",
+    dense_weight: float = 0.7,
+    union_dense: Any = None,
 ) -> Fused:
     """numba CUDA: one thread per position (quadratic scans; pools are a few hundred ids).
     Inputs may be host or device arrays; they are small and validated on the host, then copied to
     the device. The (small) result always comes back as numpy arrays."""
     from numba import cuda
 
-    host = [_dispatch.to_host(x) for x in (dense_ids, dense_scores, lexical_ids, lexical_scores)]
+    host_dense_ids, host_dense_scores, host_lexical_ids, host_lexical_scores = (
+        _dispatch.to_host(x) for x in (dense_ids, dense_scores, lexical_ids, lexical_scores)
+    )
     # validation reads shapes and mode only; ids and scores go to the device as given
-    d_ids, l_ids, l_scores, k, union_host, w = _check(*host, k, mode, dense_weight, _dispatch.to_host(union_dense))
+    d_ids, l_ids, l_scores, k, union_host, w = _check(
+        host_dense_ids,
+        host_dense_scores,
+        host_lexical_ids,
+        host_lexical_scores,
+        k,
+        mode,
+        dense_weight,
+        _dispatch.to_host(union_dense),
+    )
     n = d_ids.size + l_ids.size
     if n == 0:
         if mode == "weighted" and union_host.size:
@@ -339,14 +371,23 @@ def fuse_topk_cuda(
     out_lr = cuda.device_array(r, np.int32)
     fusion_select[blocks, threads](dev_d, dev_l, is_first, dr, lr, score, r, out_ids, out_scores, out_dr, out_lr)
     return Fused(
-        out_ids.copy_to_host(), out_scores.copy_to_host().astype(np.float32),
-        out_dr.copy_to_host(), out_lr.copy_to_host(),
+        out_ids.copy_to_host(),
+        out_scores.copy_to_host().astype(np.float32),
+        out_dr.copy_to_host(),
+        out_lr.copy_to_host(),
     )
 
 
 def fuse_topk(
-    dense_ids: Any, dense_scores: Any, lexical_ids: Any, lexical_scores: Any, k: int,
-    mode: str = "rrf", dense_weight: float = 0.7, union_dense: Any = None, backend: str | None = None,
+    dense_ids: Any,
+    dense_scores: Any,
+    lexical_ids: Any,
+    lexical_scores: Any,
+    k: int,
+    mode: str = "rrf",
+    dense_weight: float = 0.7,
+    union_dense: Any = None,
+    backend: str | None = None,
 ) -> Fused:
     """Dense + lexical fusion and top-k (see the module docstring); ``backend``: None (auto) |
     "numpy" | "numba" | "cuda"."""

@@ -1,6 +1,6 @@
 """Masked mean pooling of token states, then L2 normalisation.
 
-Same semantics as the pooling our ONNX graphs carry (``server/modelrepo/export.py``)::
+Same semantics as the pooling our ONNX graphs carry (``server/build/export.py``)::
 
     pooled     = sum_t mask[i, t] * hidden[i, t] / max(sum_t mask[i, t], 1)
     normalized = pooled / max(||pooled||_2, 1e-12)
@@ -15,6 +15,7 @@ CUDA kernels skip positions whose mask is 0 (padding costs nothing, and a NaN in
 does not leak into the result, unlike the graph's ``hidden * mask``) and sum in float32 too, token
 after token. Results agree to float32 rounding (tests: rtol 1e-5, atol 1e-6).
 """
+
 from __future__ import annotations
 
 from typing import Any

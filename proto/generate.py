@@ -1,4 +1,5 @@
 """Regenerate the Python stubs next to the .proto files (committed; tests check staleness)."""
+
 from __future__ import annotations
 
 import sys

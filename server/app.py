@@ -3,6 +3,7 @@
 Health reports SERVING only once every configured model is loaded and warm,
 and NOT_SERVING as soon as a shutdown starts, so load balancers drain us first.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,10 +19,10 @@ from grpc_reflection.v1alpha import reflection
 from openemploi.v1 import embedding_pb2, index_pb2, match_pb2, models_pb2
 
 from . import security
+from .api import embedding as embedding_api
 from .api import index as index_api
 from .api import match as match_api
 from .api import models as models_api
-from .api.embedding import EmbeddingServicer, add_to_server
 from .batching import BatchStats
 from .config import ServerConfig
 from .index.collection import CollectionManager
@@ -29,8 +30,8 @@ from .matching.bootstrap import ensure_rome_collection
 from .matching.catalogue import load_catalogue
 from .matching.matcher import OccupationMatcher
 from .metrics import Gauges, Metrics, MetricsInterceptor
-from .modelrepo.registry import ModelRegistry
-from .modelrepo.repository import ModelNotBuilt, ModelNotFound, ModelRepository
+from .runtime.registry import ModelRegistry
+from .runtime.repository import ModelNotBuilt, ModelNotFound, ModelRepository
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +84,12 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
         if on_batch is not None:
             on_batch(model, version, stats)
 
-    server = grpc.aio.server(options=options, interceptors=[MetricsInterceptor(metrics), *auth])  # metrics outermost: counts refusals too
+    server = grpc.aio.server(
+        options=options, interceptors=[MetricsInterceptor(metrics), *auth]
+    )  # metrics outermost: counts refusals too
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("",) + SERVICE_NAMES:
+    for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     collections: CollectionManager | None = None
 
@@ -97,8 +100,12 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
         return {(c.spec.model, c.spec.model_version) for c in map(collections.get, collections.names())}
 
     registry = ModelRegistry(
-        ModelRepository(config.model_repository), config.batching, config.backend, config.default_model,
-        observe_batch, pinned_versions,
+        ModelRepository(config.model_repository),
+        config.batching,
+        config.backend,
+        config.default_model,
+        observe_batch,
+        pinned_versions,
     )
     collections = await asyncio.to_thread(CollectionManager, config.collections_dir)
     metrics.watch(
@@ -111,19 +118,19 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
         )
     )
     metrics_port = metrics.serve(config.metrics_host, config.metrics_port) if config.metrics else 0
-    add_to_server(EmbeddingServicer(registry, config.limits), server)
+    embedding_api.add_to_server(embedding_api.EmbeddingServicer(registry, config.limits), server)
     index_api.add_to_server(index_api.IndexServicer(collections, registry, config.limits), server)
     match_servicer = match_api.MatchServicer(collections, registry, None, config.limits)
     match_api.add_to_server(match_servicer, server)
     models_api.add_to_server(models_api.ModelServicer(registry), server)
     if config.reflection:
-        reflection.enable_server_reflection(SERVICE_NAMES + (reflection.SERVICE_NAME, health.SERVICE_NAME), server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
     port = security.bind(server, config.address, credentials)
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.address}")
     await server.start()
     try:
-        for name in dict.fromkeys((config.default_model,) + tuple(config.models)):
+        for name in dict.fromkeys((config.default_model, *tuple(config.models))):
             await registry.load(name)
         await load_pinned_versions(registry, pinned_versions())
         if config.rome_collection:
@@ -136,7 +143,7 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
         await asyncio.to_thread(collections.close)
         metrics.close()
         raise
-    for name in ("",) + SERVICE_NAMES:
+    for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving on %s:%d (models: %s)", config.host, port, ", ".join(registry.loaded()))
     return RunningServer(server, registry, collections, metrics, health_servicer, port, config, metrics_port)

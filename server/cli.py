@@ -1,4 +1,5 @@
 """`openemploi` command line: serve, embed (a gRPC client), health, collections, models, tokens."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,6 @@ from pathlib import Path
 
 from .config import ConfigError, load_config
 from .logs import configure_logging
-
 
 MALLOC_ARENAS = 2
 
@@ -112,7 +112,11 @@ def _embed(args: argparse.Namespace) -> int:
             return 1
     for text, embedding, tokens in zip(args.texts, response.embeddings, response.token_counts):
         values = list(embedding.values)
-        print(json.dumps({"text": text, "tokens": tokens, "dim": len(values), "vector": [round(v, 6) for v in values]}, ensure_ascii=False))
+        print(
+            json.dumps(
+                {"text": text, "tokens": tokens, "dim": len(values), "vector": [round(v, 6) for v in values]}, ensure_ascii=False
+            )
+        )
     print(f"# model {response.model} version {response.model_version}", file=sys.stderr)
     return 0
 
@@ -129,8 +133,17 @@ def _collections(args: argparse.Namespace) -> int:
             if args.collections_command == "list":
                 infos = stub.ListCollections(index_pb2.ListCollectionsRequest(), timeout=30, metadata=_auth(args)).collections
             else:
-                print(f"re-embedding {args.name} with {args.model or 'the default model'} (the server logs progress)...", file=sys.stderr)
-                infos = [stub.Reembed(index_pb2.ReembedRequest(collection=args.name, model=args.model), timeout=args.timeout, metadata=_auth(args)).collection]
+                print(
+                    f"re-embedding {args.name} with {args.model or 'the default model'} (the server logs progress)...",
+                    file=sys.stderr,
+                )
+                infos = [
+                    stub.Reembed(
+                        index_pb2.ReembedRequest(collection=args.name, model=args.model),
+                        timeout=args.timeout,
+                        metadata=_auth(args),
+                    ).collection
+                ]
         except grpc.RpcError as exc:
             print(f"openemploi: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -146,9 +159,11 @@ def _health(args: argparse.Namespace) -> int:
 
     with _channel(args) as channel:
         try:
-            status = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout, metadata=_auth(args)
-            ).status
+            status = (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout, metadata=_auth(args))
+                .status
+            )
         except grpc.RpcError as exc:
             print(f"openemploi: health check failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -168,8 +183,8 @@ def _tokens(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.tokens_command == "list":
-            for token in TokenStore.load(Path(path), allow_empty=True).tokens:
-                print(f"{token.name}\t{','.join(sorted(token.scopes))}")
+            for stored in TokenStore.load(Path(path), allow_empty=True).tokens:
+                print(f"{stored.name}\t{','.join(sorted(stored.scopes))}")
             return 0
         token = append_token(Path(path), args.name, args.scopes.split(","))
     except ConfigError as exc:
@@ -181,8 +196,8 @@ def _tokens(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from .modelrepo.build import BuildError, BuildOptions, build_model
-    from .modelrepo.repository import ModelNotFound, ModelRepository
+    from .build.build import BuildError, BuildOptions, build_model
+    from .runtime.repository import ModelNotFound, ModelRepository
 
     repo = ModelRepository(Path(args.model_repository))
     if args.models_command == "list":
@@ -192,12 +207,13 @@ def _models(args: argparse.Namespace) -> int:
         return 0
     configure_logging("WARNING", json_lines=False)
     if args.models_command == "add":
-        from .modelrepo.add import AddOptions, add_model
-        from .modelrepo.spec import SpecError
+        from .build.add import AddOptions, add_model
+        from .runtime.spec import SpecError
 
         try:
             folder = add_model(
-                Path(args.model_repository), Path(args.path),
+                Path(args.model_repository),
+                Path(args.path),
                 AddOptions(args.name, args.pooling or "", args.query_prefix, args.passage_prefix, args.allow_pickle, args.force),
             )
         except SpecError as exc:
@@ -259,7 +275,9 @@ def parser() -> argparse.ArgumentParser:
     build = msub.add_parser("build", help="export, quantise and gate-check a model")
     build.add_argument("name")
     build.add_argument("--force", action="store_true", help="rebuild even if this version exists")
-    build.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None, help="build the fp16 graph (default: only with CUDA)")
+    build.add_argument(
+        "--fp16", action=argparse.BooleanOptionalAction, default=None, help="build the fp16 graph (default: only with CUDA)"
+    )
     build.add_argument("--no-progress", action="store_true")
     msub.add_parser("list", help="list models and built versions")
     add = msub.add_parser("add", help="declare a local Hugging Face checkpoint folder, then build it")

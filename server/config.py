@@ -5,6 +5,7 @@ Environment keys are the field names upper-cased, with the section as a prefix
 for nested tables: OPENEMPLOI_PORT, OPENEMPLOI_BATCHING_MAX_BATCH_SIZE,
 OPENEMPLOI_BACKEND_INTRA_OP_THREADS.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,28 +27,30 @@ class ConfigError(ValueError):
     pass
 
 
-INDEX_MAX_K = 2048  # server.index.vectors.MAX_K, not imported here (it pulls in faiss); a test keeps them equal
-
-
 @dataclass(frozen=True)
 class LimitsConfig:
+    """Every bound a request meets; refusals name the key that set it so operators know what to raise."""
+
     max_texts_per_request: int = 1024
     max_message_bytes: int = 16 * 1024 * 1024
     max_text_chars: int = 200_000
     stream_window: int = 8  # requests of one EmbedStream processed concurrently
-    max_k: int = 2048  # results per Search / MatchProfile (MatchOccupation: at most 100)
+    max_k: int = 2048  # results per Search / MatchProfile; at most the index's depth (index.vectors.MAX_K)
     max_stream_requests: int = 100_000  # requests in one EmbedStream call; open a new stream beyond
     max_upsert_documents: int = 4096  # documents in one Upsert
+    max_ids_per_request: int = 4096  # ids in one Get / Delete
+    match_max_text_chars: int = 20_000  # MatchOccupation: a job description or CV line, not a document
+    match_max_k: int = 100  # MatchOccupation: more than 100 ROME codes is no longer a match
 
     def __post_init__(self) -> None:
-        for name in (
-            "max_texts_per_request", "max_message_bytes", "max_text_chars", "stream_window",
-            "max_k", "max_stream_requests", "max_upsert_documents",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"limits.{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_k > INDEX_MAX_K:
-            raise ValueError(f"limits.max_k must be at most {INDEX_MAX_K} (the index searches no deeper), got {self.max_k}")
+        for limit in dataclasses.fields(self):
+            if getattr(self, limit.name) < 1:
+                raise ValueError(f"limits.{limit.name} must be at least 1, got {getattr(self, limit.name)}")
+        # Imported here, not at the top: it pulls in faiss, which commands other than serve never need.
+        from .index.vectors import MAX_K
+
+        if self.max_k > MAX_K:
+            raise ValueError(f"limits.max_k must be at most {MAX_K} (the index searches no deeper), got {self.max_k}")
 
 
 @dataclass(frozen=True)
@@ -114,9 +117,9 @@ def _coerce(value: object, annotation: object, key: str) -> object:
         if annotation is int:
             if isinstance(value, float):
                 raise TypeError("not an integer")
-            return int(value)
+            return int(str(value))  # a TOML integer or an environment string
         if annotation is float:
-            return float(value)
+            return float(str(value))
         if annotation is Path:
             return Path(str(value))
         if annotation is str:
@@ -138,7 +141,7 @@ def _build(cls: type, values: Mapping[str, object], env: Mapping[str, str], env_
     kwargs: dict[str, object] = {}
     for f in dataclasses.fields(cls):
         annotation = hints[f.name]
-        if dataclasses.is_dataclass(annotation):
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
             section = values.get(f.name, {})
             if not isinstance(section, Mapping):
                 raise ConfigError(f"{where}.{f.name} must be a table")

@@ -1,4 +1,5 @@
 """Structured JSON logs (one object per line), so log pipelines need no regex."""
+
 from __future__ import annotations
 
 import json

@@ -5,6 +5,7 @@ several servers in one process. Request metrics come from a gRPC interceptor;
 batch metrics from the batchers' on_batch callback; queue depth, loaded models
 and collection sizes are read at scrape time.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -12,12 +13,16 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
 from .batching import BatchStats
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,7 @@ class _LiveCollector:
 
     def collect(self):
         queue = GaugeMetricFamily("openemploi_queue_depth", "Texts waiting in a model's batcher", labels=["model", "version"])
+        labels: tuple[str, ...]
         for labels, value in self._gauges.queue_depth():
             queue.add_metric(list(labels), value)
         models = GaugeMetricFamily(
@@ -80,13 +86,17 @@ class Metrics:
             "openemploi_batch_tokens", "Padded tokens per batch (longest x count)", ["model"], buckets=TOKEN_BUCKETS, registry=r
         )
         self.padding_ratio = Histogram(
-            "openemploi_batch_padding_ratio", "Share of a batch's tokens that are padding", ["model"], buckets=RATIO_BUCKETS, registry=r
+            "openemploi_batch_padding_ratio",
+            "Share of a batch's tokens that are padding",
+            ["model"],
+            buckets=RATIO_BUCKETS,
+            registry=r,
         )
         self.inference_seconds = Histogram(
             "openemploi_inference_seconds", "Backend time per batch", ["model", "version"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.batch_failures = Counter("openemploi_batch_failures", "Batches whose inference raised", ["model"], registry=r)
-        self._http = None
+        self._http: WSGIServer | None = None
 
     def watch(self, gauges: Gauges) -> None:
         self.registry.register(_LiveCollector(gauges))

@@ -5,6 +5,7 @@ nothing. A presented token is hashed and compared with every stored hash in cons
 Health and reflection stay open so probes and grpcurl work without a secret. An RPC that has
 no entry in RPC_SCOPES is refused: a new method is closed until someone decides who may call it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -124,7 +125,7 @@ class TokenStore:
                 raise TokenFileError(f"{label}: same sha256 as an earlier entry")
             scopes = entry.get("scopes")
             if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
-                raise TokenFileError(f"{label}: scopes must be a list of strings, e.g. [\"embed\", \"search\"]")
+                raise TokenFileError(f'{label}: scopes must be a list of strings, e.g. ["embed", "search"]')
             tokens.append(Token(name, digest, parse_scopes(scopes, label)))
             names.add(name)
             digests.add(digest)
@@ -138,7 +139,9 @@ class TokenStore:
             raise TokenFileError(f"security.tokens_file {path}: cannot read it ({exc.strerror or exc})") from exc
         store = cls.parse(text, f"tokens file {path}")
         if not store.tokens and not allow_empty:
-            raise TokenFileError(f"tokens file {path} has no [[tokens]] entries: nobody could call; add one with `openemploi tokens new`")
+            raise TokenFileError(
+                f"tokens file {path} has no [[tokens]] entries: nobody could call; add one with `openemploi tokens new`"
+            )
         return store
 
     def lookup(self, token: str) -> Token | None:
@@ -204,8 +207,10 @@ def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: st
         yield  # pragma: no cover - abort raises; this makes the function an async generator
 
     fields = {
-        "unary_unary": unary_response, "stream_unary": unary_response,
-        "unary_stream": stream_response, "stream_stream": stream_response,
+        "unary_unary": unary_response,
+        "stream_unary": unary_response,
+        "unary_stream": stream_response,
+        "stream_stream": stream_response,
     }
     for kind, behaviour in fields.items():
         if getattr(handler, kind) is not None:
@@ -246,7 +251,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 log.debug("%s called by token %s", method, caller.name, extra={"request_id": rid, "caller": caller.name})
                 return handler
         log.warning(
-            "%s refused: %s", method, code.name,
+            "%s refused: %s",
+            method,
+            code.name,
             extra={"request_id": rid, "caller": who or "-", "reason": message},
         )
         return _refusing(handler, code, message, rid)

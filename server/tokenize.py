@@ -4,6 +4,7 @@ Runs before batching so the batcher can budget by real token counts and the
 API can reject over-long texts with the exact index and length. Texts are NFC
 normalised first so that "é" typed as e + U+0301 and as U+00E9 embed alike.
 """
+
 from __future__ import annotations
 
 import unicodedata
@@ -24,10 +25,7 @@ class TextTooLongError(ValueError):
     """A text exceeds the model's token limit and the caller asked not to truncate."""
 
     def __init__(self, index: int, length: int, limit: int) -> None:
-        super().__init__(
-            f"texts[{index}] has {length} tokens, over the model limit of {limit}; "
-            "shorten it or set truncate=true"
-        )
+        super().__init__(f"texts[{index}] has {length} tokens, over the model limit of {limit}; shorten it or set truncate=true")
         self.index = index
         self.length = length
         self.limit = limit
@@ -86,6 +84,6 @@ class TextTokenizer:
             if n > limit:
                 if not truncate:
                     raise TextTooLongError(index, n, limit)
-                ids = ids[: limit - 1] + [self._eos_id]
+                ids = [*ids[: limit - 1], self._eos_id]
             out.append(TokenizedText(np.asarray(ids, dtype=np.int64), n, n > limit))
         return out

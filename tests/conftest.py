@@ -1,11 +1,13 @@
 """Shared fixtures: the real default model, built once (make test builds it before pytest)."""
+
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
-from server.modelrepo.repository import ModelNotBuilt, ModelRepository, ModelVersion
+from openemploi.runtime.repository import ModelNotBuilt, ModelRepository, ModelVersion
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "multilingual-e5-small"
@@ -21,6 +23,44 @@ def default_version(model_repository: ModelRepository) -> ModelVersion:
     try:
         return model_repository.latest(DEFAULT_MODEL)
     except ModelNotBuilt:
-        from server.modelrepo.build import BuildOptions, build_model
+        from openemploi.build.build import BuildOptions, build_model
 
         return build_model(model_repository, DEFAULT_MODEL, BuildOptions(progress=False))
+
+
+INTEGRATION_FOLDERS = ("api", "build")
+MODEL_FIXTURES = {"default_version", "model_repository"}
+SLOW_MODULES = {
+    "test_add_build.py",
+    "test_crash_recovery.py",
+    "test_storage_full.py",
+    "test_fuzz.py",
+    "test_model_swap.py",
+    "test_failed_model_load.py",
+    "test_reembed.py",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tiers by what a test needs, so `make test-fast` stays a unit loop without marking each test by hand.
+
+    integration: a real server, the built model, or the installed commands; slow: minutes each.
+    """
+    for item in items:
+        path = Path(str(item.path)).resolve().relative_to(REPO_ROOT / "tests")
+        needs_model = bool(MODEL_FIXTURES & set(getattr(item, "fixturenames", ())))
+        if path.parts[0] in INTEGRATION_FOLDERS or needs_model or path.name == "test_install.py":
+            item.add_marker(pytest.mark.integration)
+        if path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The repo root on sys.path puts its `kernels/` folder in place of the `kernels` distribution
+    transformers imports: tests would then test a tree no user runs. `make test` uses `python -P`."""
+    shadowing = [entry for entry in sys.path if Path(entry or ".").resolve() == REPO_ROOT]
+    if shadowing:
+        raise pytest.UsageError(
+            "the repository root is on sys.path (run `python -P -m pytest`, and never add the root to sys.path "
+            "in a test or a benchmark): its kernels/ folder shadows the installed `kernels` distribution"
+        )

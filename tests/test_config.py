@@ -1,4 +1,5 @@
 """server/config.py: defaults < TOML file < OPENEMPLOI_* environment < CLI overrides."""
+
 from __future__ import annotations
 
 import re
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ConfigError, ServerConfig, load_config
+from openemploi.config import ConfigError, ServerConfig, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,13 +32,22 @@ def test_defaults_are_the_documented_values():
     assert config.grace_period_s == 10.0
     b = config.batching
     assert (b.max_batch_size, b.max_batch_tokens, b.max_queue_texts, b.max_wait_ms, b.lookahead) == (
-        64, 16384, 4096, 1.0, 256,
+        64,
+        16384,
+        4096,
+        1.0,
+        256,
     )
     assert (config.backend.device, config.backend.cpu_precision, config.backend.intra_op_threads) == ("auto", "auto", 0)
     lim = config.limits
     assert (lim.max_texts_per_request, lim.max_message_bytes, lim.max_text_chars, lim.stream_window) == (
-        1024, 16 * 1024 * 1024, 200_000, 8,
+        1024,
+        16 * 1024 * 1024,
+        200_000,
+        8,
     )
+    assert (lim.max_k, lim.max_stream_requests, lim.max_upsert_documents) == (2048, 100_000, 4096)
+    assert (lim.max_ids_per_request, lim.match_max_text_chars, lim.match_max_k) == (4096, 20_000, 100)
 
 
 def test_readme_example_file_loads_and_matches_defaults(tmp_path):
@@ -104,7 +114,7 @@ def test_missing_file_raises_config_error(tmp_path):
 
 
 def test_invalid_toml_raises_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="server.toml"):
+    with pytest.raises(ConfigError, match=r"server\.toml"):
         load_config(write(tmp_path, "port = \n"), env={})
 
 
@@ -262,6 +272,7 @@ def test_unknown_cli_override_key_is_named():
 
 # --------------------------------------------------------------------------- type and range checks
 
+
 @pytest.mark.parametrize("text", ["port = 1.5\n", "[batching]\nmax_batch_size = 2.5\n"])
 def test_float_for_integer_field_is_rejected(tmp_path, text):
     with pytest.raises(ConfigError):
@@ -292,8 +303,16 @@ def test_invalid_backend_values_are_rejected(key, value, match):
 @pytest.mark.parametrize(
     "field",
     [
-        "stream_window", "max_texts_per_request", "max_text_chars", "max_message_bytes",
-        "max_k", "max_stream_requests", "max_upsert_documents",
+        "stream_window",
+        "max_texts_per_request",
+        "max_text_chars",
+        "max_message_bytes",
+        "max_k",
+        "max_stream_requests",
+        "max_upsert_documents",
+        "max_ids_per_request",
+        "match_max_text_chars",
+        "match_max_k",
     ],
 )
 def test_zero_limits_are_rejected(tmp_path, field):
@@ -302,13 +321,17 @@ def test_zero_limits_are_rejected(tmp_path, field):
         load_config(write(tmp_path, f"[limits]\n{field} = 0\n"), env={})
 
 
-def test_max_k_cannot_exceed_what_the_index_searches():
-    from server.config import INDEX_MAX_K
-    from server.index.vectors import MAX_K
+def test_new_request_limits_are_set_like_the_others(tmp_path):
+    path = write(tmp_path, "[limits]\nmax_ids_per_request = 10\nmatch_max_text_chars = 500\nmatch_max_k = 20\n")
+    limits = load_config(path, env={"OPENEMPLOI_LIMITS_MATCH_MAX_K": "30"}).limits
+    assert (limits.max_ids_per_request, limits.match_max_text_chars, limits.match_max_k) == (10, 500, 30)
 
-    assert INDEX_MAX_K == MAX_K
+
+def test_max_k_cannot_exceed_what_the_index_searches():
+    from openemploi.index.vectors import MAX_K
+
     assert load_config(None, env={}).limits.max_k == MAX_K
-    with pytest.raises(ConfigError, match="limits.max_k must be at most"):
+    with pytest.raises(ConfigError, match=r"limits\.max_k must be at most"):
         load_config(None, env={"OPENEMPLOI_LIMITS_MAX_K": str(MAX_K + 1)})
 
 

@@ -1,4 +1,5 @@
 """Dockerfile.cuda cannot be built here (no Docker engine): lint it, and keep it on the README's install path."""
+
 from __future__ import annotations
 
 import shutil

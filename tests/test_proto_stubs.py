@@ -1,4 +1,5 @@
 """The committed Python stubs under proto/openemploi/v1 must match their .proto files."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -1,4 +1,5 @@
 """server/security.py without a server: the tokens file, the scope map, TLS file checks, `openemploi tokens`."""
+
 from __future__ import annotations
 
 import asyncio
@@ -11,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from openemploi.v1 import embedding_pb2, index_pb2, match_pb2, models_pb2
-from server.cli import main
-from server.config import ConfigError, SecurityConfig, ServerConfig, load_config
-from server.security import (
+from openemploi.cli import main
+from openemploi.config import ConfigError, SecurityConfig, ServerConfig, load_config
+from openemploi.security import (
     ADMIN,
     RPC_SCOPES,
     SCOPES,
@@ -24,6 +24,7 @@ from server.security import (
     interceptors,
     server_credentials,
 )
+from openemploi.v1 import embedding_pb2, index_pb2, match_pb2, models_pb2
 
 DIGEST = hashlib.sha256(b"s3cret").hexdigest()
 
@@ -111,7 +112,7 @@ def test_tokens_cli_prints_the_token_once_and_lists_names(tmp_path, capsys):
 
 
 def test_no_tokens_file_means_open_and_says_so(caplog):
-    with caplog.at_level(logging.WARNING, logger="server.security"):
+    with caplog.at_level(logging.WARNING, logger="openemploi.security"):
         assert interceptors(SecurityConfig()) == []
     assert "every RPC is open" in caplog.text
 
@@ -136,7 +137,7 @@ def test_unreadable_or_non_pem_tls_files_are_config_errors(tmp_path):
 
 
 def test_start_server_fails_before_listening_on_a_bad_tokens_file(tmp_path):
-    from server.app import start_server
+    from openemploi.app import start_server
 
     (tmp_path / "tokens.toml").write_text(entry(scopes='["sudo"]'), encoding="utf-8")
     config = dataclasses.replace(ServerConfig(port=0), security=SecurityConfig(tokens_file=tmp_path / "tokens.toml"))

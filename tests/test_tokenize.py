@@ -1,4 +1,5 @@
 """server/tokenize.py with the real tokenizer.json of the built default model."""
+
 from __future__ import annotations
 
 import unicodedata
@@ -6,7 +7,7 @@ import unicodedata
 import numpy as np
 import pytest
 
-from server.tokenize import TextKind, TextTokenizer, TextTooLongError, TokenizerConfig
+from openemploi.tokenize import TextKind, TextTokenizer, TextTooLongError, TokenizerConfig
 
 BOS, PAD, EOS = 0, 1, 2
 LONG_TEXT = "Développeur back-end confirmé, maîtrise de Python et de l'intégration continue. " * 80

@@ -1,4 +1,5 @@
 """ModelService: list, load (warm then switch), unload (drain then free), set the default."""
+
 from __future__ import annotations
 
 import logging
@@ -7,9 +8,10 @@ import grpc
 
 from openemploi.v1 import models_pb2, models_pb2_grpc
 
-from ..modelrepo.registry import ModelInUse, ModelRegistry
-from ..modelrepo.repository import ModelNotBuilt, ModelNotFound
-from .errors import RequestError, handle_unary, invalid, register_unary_service
+from ..runtime.registry import ModelRegistry
+from ..runtime.repository import ModelNotBuilt, ModelNotFound
+from . import rpc
+from .errors import failed_precondition, invalid
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,12 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
                 info = model.encoder.info
                 versions.append(
                     models_pb2.ModelVersionInfo(
-                        version=version.version, state=model.state, device=info.device, precision=info.precision,
-                        built_at=version.built_at, detail=info.detail,
+                        version=version.version,
+                        state=model.state,
+                        device=info.device,
+                        precision=info.precision,
+                        built_at=version.built_at,
+                        detail=info.detail,
                     )
                 )
         reference = current.version if current else (built[-1] if built else None)
@@ -46,50 +52,36 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
             versions=versions,
         )
 
-    async def ListModels(self, request, context):  # noqa: N802
-        async def work():
-            names = self._registry.repository.names()
-            return models_pb2.ListModelsResponse(
-                models=[self.info(n) for n in names], default_model=self._registry.default_model
-            )
+    @rpc.unary
+    async def ListModels(self, request: models_pb2.ListModelsRequest, call: rpc.Call) -> models_pb2.ListModelsResponse:
+        names = self._registry.repository.names()
+        return models_pb2.ListModelsResponse(models=[self.info(n) for n in names], default_model=self._registry.default_model)
 
-        return await handle_unary(request, context, work, log, "ListModels")
+    @rpc.unary
+    async def LoadModel(self, request: models_pb2.LoadModelRequest, call: rpc.Call) -> models_pb2.LoadModelResponse:
+        if not request.name:
+            raise invalid("name is empty")
+        try:
+            await self._registry.load(request.name, request.version)
+        except (ModelNotFound, ModelNotBuilt):
+            raise
+        except Exception as exc:  # a bad file, a failed warm-up, out of memory: the serving version stays
+            log.exception("LoadModel %s failed", request.name, extra={"request_id": call.request_id})
+            raise failed_precondition(
+                f"loading {request.name} {request.version or '(newest)'} failed: {exc}; the serving version is unchanged"
+            ) from exc
+        return models_pb2.LoadModelResponse(model=self.info(request.name))
 
-    async def LoadModel(self, request, context):  # noqa: N802
-        async def work():
-            if not request.name:
-                raise invalid("name is empty")
-            try:
-                await self._registry.load(request.name, request.version)
-            except (ModelNotFound, ModelNotBuilt):
-                raise
-            except Exception as exc:  # a bad file, a failed warm-up, out of memory: the serving version stays
-                log.exception("LoadModel %s failed", request.name)
-                raise RequestError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"loading {request.name} {request.version or '(newest)'} failed: {exc}; the serving version is unchanged",
-                ) from exc
-            return models_pb2.LoadModelResponse(model=self.info(request.name))
+    @rpc.unary
+    async def UnloadModel(self, request: models_pb2.UnloadModelRequest, call: rpc.Call) -> models_pb2.UnloadModelResponse:
+        unloaded = await self._registry.unload(request.name, request.version)
+        return models_pb2.UnloadModelResponse(unloaded=unloaded)
 
-        return await handle_unary(request, context, work, log, "LoadModel")
-
-    async def UnloadModel(self, request, context):  # noqa: N802
-        async def work():
-            try:
-                unloaded = await self._registry.unload(request.name, request.version)
-            except ModelInUse as exc:
-                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
-            return models_pb2.UnloadModelResponse(unloaded=unloaded)
-
-        return await handle_unary(request, context, work, log, "UnloadModel")
-
-    async def SetDefault(self, request, context):  # noqa: N802
-        async def work():
-            previous = self._registry.set_default(request.name)
-            return models_pb2.SetDefaultResponse(default_model=request.name, previous=previous)
-
-        return await handle_unary(request, context, work, log, "SetDefault")
+    @rpc.unary
+    async def SetDefault(self, request: models_pb2.SetDefaultRequest, call: rpc.Call) -> models_pb2.SetDefaultResponse:
+        previous = self._registry.set_default(request.name)
+        return models_pb2.SetDefaultResponse(default_model=request.name, previous=previous)
 
 
 def add_to_server(servicer: ModelServicer, server: grpc.aio.Server) -> None:
-    register_unary_service(servicer, server, models_pb2, "ModelService")
+    rpc.register_service(servicer, server, models_pb2, "ModelService")

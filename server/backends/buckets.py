@@ -2,13 +2,13 @@
 
 GPU runtimes pay per new shape (cuDNN/cuBLAS plan choice, TensorRT profiles, one CUDA graph
 per shape), so a batch of width 37 is padded to 64 and one of 5 rows to 8. Padded positions
-carry mask 0 and padded rows are cut off the output: bucketing never changes a vector.
+carry mask 0 and padded rows are cut off the output: bucketing never changes a vector. The
+padding itself is `openemploi.padding.widen`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
-
-import numpy as np
 
 DEFAULT_LENGTH_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
 
@@ -40,25 +40,3 @@ def batch_bucket(rows: int, max_batch: int) -> int:
     if rows >= max_batch:
         return rows
     return min(1 << max(rows - 1, 0).bit_length(), max_batch)
-
-
-def pad_to(
-    input_ids: np.ndarray, attention_mask: np.ndarray, length: int, rows: int | None = None, pad_id: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad to ``length`` columns (mask 0) and ``rows`` rows; returns the inputs when nothing changes.
-
-    Padded rows attend to their first position only (mask ``[1, 0, ...]``): a row with no
-    attended position makes some attention kernels return NaN, and the caller drops those rows.
-    """
-    n, width = input_ids.shape
-    rows = n if rows is None else rows
-    if width > length or n > rows:
-        raise ValueError(f"cannot pad a [{n}, {width}] batch down to [{rows}, {length}]")
-    if (width, n) == (length, rows):
-        return input_ids, attention_mask
-    ids = np.full((rows, length), pad_id, dtype=input_ids.dtype)
-    mask = np.zeros((rows, length), dtype=attention_mask.dtype)
-    ids[:n, :width] = input_ids
-    mask[:n, :width] = attention_mask
-    mask[n:, 0] = 1
-    return ids, mask

@@ -1,21 +1,25 @@
-"""ONNX Runtime backend: CUDA (or TensorRT) with the fp16 graph when available, else CPU int8.
+"""ONNX Runtime backend: opens the graph a `Choice` names, on the providers it names.
 
 It receives padded int64 arrays and returns finished vectors (pooling and
-normalisation are inside the graph). It knows nothing of gRPC or batching.
-On CUDA, batches are padded to a few length buckets (shapes repeat, so the
-provider's per-shape plans are reused) and run through IO binding with device
-buffers reused per shape.
+normalisation are inside the graph). It knows nothing of gRPC or batching and
+decides nothing: `select.plan` picked the graph, the providers, IO binding and
+the length buckets. On CUDA, batches are padded to a few length buckets (shapes
+repeat, so the provider's per-shape plans are reused) and run through IO binding
+with device buffers reused per shape.
 """
+
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .base import EncoderInfo
-from .buckets import bucket_for, length_buckets, pad_to
+from ..padding import widen
+from .base import BackendKind, BackendUnavailable, Choice, Device, EncoderInfo, ExecutionProvider
+from .buckets import bucket_for
 from .options import BackendConfig
 
 log = logging.getLogger(__name__)
@@ -23,27 +27,21 @@ log = logging.getLogger(__name__)
 OUTPUT_NAMES = ["embedding", "pooled"]
 INPUT_NAMES = ("input_ids", "attention_mask")
 
-OnnxBackendConfig = BackendConfig  # the name this config had before the torch backend existed
-
-
-class BackendUnavailable(RuntimeError):
-    """The requested device or precision has no model file or no provider here."""
-
 
 class DeviceBinding:
     """Run a session through IO binding: inputs copied into device buffers kept per shape.
 
     With length buckets the shapes repeat, so after the first batch of a shape each call is
     one host-to-device copy per input into an existing buffer, the run, and one copy of the
-    outputs back: no device allocation per call. Works on any device ORT knows ("cpu" too,
+    outputs back: no device allocation per call. Works on any device ORT knows (the CPU too,
     which is how the CPU-only test suite exercises it).
     """
 
-    def __init__(self, session, device_type: str, device_id: int = 0, max_shapes: int = 64) -> None:
+    def __init__(self, session, device: Device, device_id: int = 0, max_shapes: int = 64) -> None:
         self._session = session
-        self._device = (device_type, device_id)
+        self._device = (str(device), device_id)
         self._max_shapes = max_shapes
-        self._buffers: OrderedDict[tuple[str, tuple[int, ...]], object] = OrderedDict()
+        self._buffers: OrderedDict[tuple[str, tuple[int, ...]], Any] = OrderedDict()  # onnxruntime OrtValues
 
     def _buffer(self, name: str, array: np.ndarray):
         import onnxruntime as ort
@@ -65,18 +63,29 @@ class DeviceBinding:
         for name, array in zip(INPUT_NAMES, (input_ids, attention_mask)):
             binding.bind_ortvalue_input(name, self._buffer(name, np.ascontiguousarray(array, dtype=np.int64)))
         for name in OUTPUT_NAMES:
-            binding.bind_output(name, "cpu")
+            binding.bind_output(name, str(Device.CPU))
         binding.synchronize_inputs()
         self._session.run_with_iobinding(binding)
         embedding, pooled = binding.copy_outputs_to_cpu()
         return embedding, pooled
 
 
-def _cuda_providers(config: BackendConfig, available: list[str], engine_cache: Path | None, max_batch: int, max_tokens: int):
-    cuda = ("CUDAExecutionProvider", {"device_id": config.cuda_device_id})
-    if not (config.tensorrt and "TensorrtExecutionProvider" in available):
-        return [cuda, "CPUExecutionProvider"]
+def _session_providers(
+    choice: Choice, config: BackendConfig, engine_cache: Path | None, max_batch: int, max_tokens: int
+) -> list[str | tuple[str, dict]]:
+    """The Choice's providers as onnxruntime takes them, each with its options."""
+    entries: list[str | tuple[str, dict]] = []
+    for provider in choice.providers:
+        if provider is ExecutionProvider.CUDA:
+            entries.append((provider.value, {"device_id": config.cuda_device_id}))
+        elif provider is ExecutionProvider.TENSORRT:
+            entries.append((provider.value, _tensorrt_options(config, engine_cache, max_batch, max_tokens)))
+        else:
+            entries.append(provider.value)
+    return entries
 
+
+def _tensorrt_options(config: BackendConfig, engine_cache: Path | None, max_batch: int, max_tokens: int) -> dict:
     def shapes(batch: int, length: int) -> str:
         return f"input_ids:{batch}x{length},attention_mask:{batch}x{length}"
 
@@ -91,39 +100,33 @@ def _cuda_providers(config: BackendConfig, available: list[str], engine_cache: P
     if engine_cache is not None:
         engine_cache.mkdir(parents=True, exist_ok=True)
         options.update(
-            trt_engine_cache_enable=True, trt_engine_cache_path=str(engine_cache),
-            trt_timing_cache_enable=True, trt_timing_cache_path=str(engine_cache),
+            trt_engine_cache_enable=True,
+            trt_engine_cache_path=str(engine_cache),
+            trt_timing_cache_enable=True,
+            trt_timing_cache_path=str(engine_cache),
         )
-    return [("TensorrtExecutionProvider", options), cuda, "CPUExecutionProvider"]
+    return options
 
 
 class OnnxEncoder:
     def __init__(
         self,
-        graphs: dict[str, Path],
-        dim: int,
+        choice: Choice,
         config: BackendConfig,
         *,
+        dim: int,
         max_tokens: int = 512,
         max_batch: int = 256,
         pad_id: int = 0,
         engine_cache: Path | None = None,
-        reason: str = "",
     ) -> None:
-        """``reason``: why the caller chose this backend; it replaces the encoder's own in ``info.detail``.
+        """Open an onnx ``choice``; ``config`` gives the thread counts and the CUDA device.
 
-        ``max_tokens`` caps the length buckets (the model's limit); ``max_batch`` and
-        ``engine_cache`` size and store TensorRT engines; ``pad_id`` fills padded positions.
+        ``max_tokens``, ``max_batch`` and ``engine_cache`` size and store TensorRT engines;
+        ``pad_id`` fills padded positions.
         """
         import onnxruntime as ort
 
-        providers = ort.get_available_providers()
-        has_cuda = "CUDAExecutionProvider" in providers
-        if config.device == "cuda" and not has_cuda:
-            raise BackendUnavailable(f"device=cuda asked but onnxruntime has no CUDA provider (has {providers})")
-        use_cuda = config.device in ("auto", "cuda") and has_cuda and "fp16" in graphs
-        if config.device == "cuda" and "fp16" not in graphs:
-            raise BackendUnavailable("device=cuda asked but the model version has no fp16 graph; rebuild with fp16")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = config.intra_op_threads
@@ -131,62 +134,40 @@ class OnnxEncoder:
         if not config.cpu_spin_wait:
             # Idle ORT workers otherwise spin on the cores the event loop needs to admit or refuse calls.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if use_cuda:
-            precision = "fp16"
-            session_providers = _cuda_providers(config, providers, engine_cache, max_batch, max_tokens)
-            device = f"cuda:{config.cuda_device_id}"
-            detail = reason or "CUDA provider present and fp16 graph built"
-            graph = graphs["fp16"]
-            if session_providers[0][0] == "TensorrtExecutionProvider" and "fp32" in graphs:
-                graph = graphs["fp32"]  # TensorRT picks its own fp16 kernels from the fp32 graph
-        else:
-            precision = config.cpu_precision
-            fallback = ""
-            if precision == "auto":
-                precision = "int8" if "int8" in graphs else "fp32"
-                fallback = "" if precision == "int8" else "; no int8 graph built for this model"
-            if precision not in graphs:
-                raise BackendUnavailable(f"no {precision} graph in this model version (have {sorted(graphs)})")
-            session_providers = ["CPUExecutionProvider"]
-            device = "cpu"
-            detail = "no CUDA provider" if not has_cuda else "no fp16 graph built"
-            if config.device == "cpu":
-                detail = "device=cpu asked"
-            detail = (reason or detail) + fallback
-            graph = graphs[precision]
+        on_cuda = choice.device is Device.CUDA
+        providers = _session_providers(choice, config, engine_cache, max_batch, max_tokens)
         try:
-            self._session = ort.InferenceSession(str(graph), options, providers=session_providers)
+            self._session = ort.InferenceSession(str(choice.model_path), options, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/RuntimeError types
-            if not use_cuda:
+            if not on_cuda:
                 raise
             raise BackendUnavailable(f"onnxruntime could not open the fp16 graph on CUDA: {exc}") from exc
-        if use_cuda:
+        opened: list[str] = []  # what onnxruntime actually started, told before the reason
+        if on_cuda:
             running = self._session.get_providers()
-            if "CUDAExecutionProvider" not in running:
+            if ExecutionProvider.CUDA not in running:
                 raise BackendUnavailable(f"onnxruntime could not start its CUDA provider (running {running}); see its log")
-            if running[0] == "TensorrtExecutionProvider":
-                detail = "TensorRT provider (fp16) over CUDA; " + detail
+            if running[0] == ExecutionProvider.TENSORRT:
+                opened.append("TensorRT provider (fp16) over CUDA")
             elif config.tensorrt:
-                detail = "tensorrt asked but onnxruntime has no TensorRT provider; " + detail
-        bucket_here = use_cuda or config.cpu_length_buckets
-        self._buckets = length_buckets(config.length_buckets, max_tokens) if bucket_here else ()
+                opened.append("tensorrt asked but onnxruntime has no TensorRT provider")
+        self._buckets = choice.length_buckets
         self._pad_id = pad_id
-        self._binding = DeviceBinding(self._session, "cuda", config.cuda_device_id) if use_cuda else None
-        if self._buckets:
-            detail += f"; length buckets {list(self._buckets)}"
-        self.info = EncoderInfo("onnx", device, precision, dim, detail)
-        log.info("onnx backend: %s %s (%s)", device, precision, detail)
+        self._binding = DeviceBinding(self._session, choice.device, config.cuda_device_id) if choice.io_binding else None
+        buckets = [f"length buckets {list(self._buckets)}"] if self._buckets else []
+        detail = "; ".join(part for part in (*opened, choice.reason, *choice.notes, *buckets) if part)
+        device = choice.device.placement(config.cuda_device_id)
+        self.info = EncoderInfo(BackendKind.ONNX, device, choice.precision, dim, detail)
+        log.info("onnx backend: %s %s (%s)", device, choice.precision, detail)
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         width = input_ids.shape[1]
         if self._buckets:
-            input_ids, attention_mask = pad_to(input_ids, attention_mask, bucket_for(width, self._buckets), pad_id=self._pad_id)
+            input_ids, attention_mask = widen(input_ids, attention_mask, bucket_for(width, self._buckets), pad_id=self._pad_id)
         if self._binding is not None:
             embedding, pooled = self._binding.run(input_ids, attention_mask)
         else:
-            embedding, pooled = self._session.run(
-                OUTPUT_NAMES, {"input_ids": input_ids, "attention_mask": attention_mask}
-            )
+            embedding, pooled = self._session.run(OUTPUT_NAMES, {"input_ids": input_ids, "attention_mask": attention_mask})
         return embedding.astype(np.float32, copy=False), pooled.astype(np.float32, copy=False)
 
     def close(self) -> None:

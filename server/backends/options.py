@@ -3,41 +3,42 @@
 Which backend serves a model (onnx or torch) is the model's own choice (`backend` in its
 model.toml, `auto` by default there); these keys tune whichever runs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .base import Device, Precision, parse_option
 from .buckets import DEFAULT_LENGTH_BUCKETS
 
-DEVICES = ("auto", "cpu", "cuda")
-CPU_PRECISIONS = ("auto", "int8", "fp32")
-TORCH_DTYPES = ("fp16", "bf16")
+CPU_PRECISIONS = (Precision.AUTO, Precision.INT8, Precision.FP32)
+TORCH_DTYPES = (Precision.FP16, Precision.BF16)
 
 
 @dataclass(frozen=True)
 class BackendConfig:
-    device: str = "auto"  # auto | cpu | cuda
-    cpu_precision: str = "auto"  # auto: int8 when the version has it, else fp32 | int8 | fp32 (strict)
+    device: Device = Device.AUTO
+    cpu_precision: Precision = Precision.AUTO  # auto: int8 when the version has it, else fp32 | int8 | fp32 (strict)
     intra_op_threads: int = 0  # 0 = runtime default (one per physical core)
     inter_op_threads: int = 1
     cpu_spin_wait: bool = False  # let idle onnxruntime threads spin (a little faster alone, starves the event loop)
     cuda_device_id: int = 0
-    torch_dtype: str = "fp16"  # torch backend on CUDA: fp16 | bf16 (CPU always runs fp32)
+    torch_dtype: Precision = Precision.FP16  # torch backend on CUDA: fp16 | bf16 (CPU always runs fp32)
     cuda_graphs: bool = False  # torch backend on CUDA: one CUDA graph per (batch, length) bucket
     tensorrt: bool = False  # onnx backend on CUDA: TensorRT provider first when onnxruntime has it
     length_buckets: tuple[int, ...] = DEFAULT_LENGTH_BUCKETS  # () = pad to the batch's longest text only
     cpu_length_buckets: bool = False  # also bucket on the CPU (off: it only adds padded tokens there)
 
     def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ValueError(f"backend.device must be auto, cpu or cuda, got {self.device!r}")
-        if self.cpu_precision not in CPU_PRECISIONS:
-            raise ValueError(f"backend.cpu_precision must be auto, int8 or fp32, got {self.cpu_precision!r}")
-        if self.torch_dtype not in TORCH_DTYPES:
-            raise ValueError(f"backend.torch_dtype must be fp16 or bf16, got {self.torch_dtype!r}")
+        # The config loader hands over the TOML or environment strings: make them enum members.
+        object.__setattr__(self, "device", parse_option(Device, self.device, "backend.device"))
+        object.__setattr__(
+            self, "cpu_precision", parse_option(Precision, self.cpu_precision, "backend.cpu_precision", CPU_PRECISIONS)
+        )
+        object.__setattr__(self, "torch_dtype", parse_option(Precision, self.torch_dtype, "backend.torch_dtype", TORCH_DTYPES))
         if self.intra_op_threads < 0 or self.inter_op_threads < 0 or self.cuda_device_id < 0:
             raise ValueError("backend thread counts and cuda_device_id must not be negative")
-        # The config loader reads tuples as strings ("16,32,64" from the environment): make them ints.
+        # ... and tuples as strings ("16,32,64" from the environment): make them ints.
         try:
             buckets = tuple(sorted({int(size) for size in self.length_buckets}))
         except (TypeError, ValueError) as exc:

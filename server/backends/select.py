@@ -1,4 +1,6 @@
-"""Which backend serves a model: `backend = "auto" | "onnx" | "torch"` from its model.toml.
+"""Which backend serves a model, decided once: `plan` turns model.toml's `backend`
+(auto | onnx | torch), the `[backend]` config and what this machine offers into resolved
+`Choice`s, best first; `open_encoder` opens the first one that opens.
 
 `auto` takes the first of these that this machine can run, and says why (``EncoderInfo.detail``):
 
@@ -10,32 +12,34 @@
 A candidate that fails to open (say the CUDA provider cannot load cuDNN) is logged and the next
 one is tried. The decision is a pure function of `Capabilities`, so tests inject the machine.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import logging
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .base import Encoder
-from .onnx import BackendUnavailable, OnnxEncoder
+from .base import BackendKind, BackendUnavailable, Choice, Device, Encoder, ExecutionProvider, Precision, parse_option
+from .buckets import length_buckets
+from .onnx import OnnxEncoder
 from .options import BackendConfig
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "onnx", "torch")
-CUDA_PROVIDER = "CUDAExecutionProvider"
-TENSORRT_PROVIDER = "TensorrtExecutionProvider"
-
 
 class BuiltModel(Protocol):
-    """What a backend needs of a built model version (`modelrepo.ModelVersion` is one)."""
+    """What a backend needs of a built model version (`runtime.repository.ModelVersion` is one)."""
 
-    folder: Path
-    manifest: dict
+    @property
+    def folder(self) -> Path: ...
+
+    @property
+    def manifest(self) -> dict: ...
 
     @property
     def dim(self) -> int: ...
@@ -55,22 +59,25 @@ class Capabilities:
 
     has_cuda: bool
     ort_providers: tuple[str, ...]
-    graphs: frozenset[str]
+    graphs: Mapping[Precision, Path]  # the version's ONNX graphs
     torch_available: bool
-    has_checkpoint: bool
+    checkpoint: Path | None  # a checkpoint folder transformers can load; None when the version has none
+    max_tokens: int  # the model's limit, the last length bucket
 
     @classmethod
-    def probe(cls, graphs: dict[str, Path], checkpoint: Path | None, config: BackendConfig) -> Capabilities:
+    def probe(cls, version: BuiltModel, config: BackendConfig) -> Capabilities:
         import onnxruntime as ort
 
         providers = tuple(ort.get_available_providers())
         torch_available = all(_installed(module) for module in ("torch", "transformers"))
+        has_checkpoint = "checkpoint" in version.manifest.get("files", {}) and (version.checkpoint_path / "config.json").is_file()
         return cls(
-            has_cuda=config.device != "cpu" and _cuda_visible(torch_available, providers),
+            has_cuda=config.device is not Device.CPU and _cuda_visible(torch_available, providers),
             ort_providers=providers,
-            graphs=frozenset(graphs),
+            graphs={Precision(name): path for name, path in version.graphs().items()},
             torch_available=torch_available,
-            has_checkpoint=checkpoint is not None and (checkpoint / "config.json").is_file(),
+            checkpoint=version.checkpoint_path if has_checkpoint else None,
+            max_tokens=version.max_tokens,
         )
 
 
@@ -88,7 +95,7 @@ def _cuda_visible(torch_available: bool, providers: tuple[str, ...]) -> bool:
     torch is imported only when an NVIDIA driver is there: a CPU host never pays its import.
     """
     if not torch_available:
-        return CUDA_PROVIDER in providers
+        return ExecutionProvider.CUDA in providers
     if not (Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi")):
         return False
     import torch
@@ -96,83 +103,161 @@ def _cuda_visible(torch_available: bool, providers: tuple[str, ...]) -> bool:
     return bool(torch.cuda.is_available())
 
 
-@dataclass(frozen=True)
-class Choice:
-    backend: str  # onnx | torch
-    device: str  # cpu | cuda
-    precision: str  # int8 | fp32 | fp16 | bf16 | auto (onnx decides among its graphs)
-    reason: str
-
-
-def plan(requested: str, config: BackendConfig, caps: Capabilities) -> list[Choice]:
+def plan(requested: BackendKind, config: BackendConfig, caps: Capabilities) -> list[Choice]:
     """The candidates to try, best first; raises BackendUnavailable when none can run here."""
-    if requested not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
-    gpu = config.device != "cpu" and caps.has_cuda
-    if config.device == "cuda" and not caps.has_cuda:
+    requested = parse_option(BackendKind, requested, "backend")
+    gpu = config.device is not Device.CPU and caps.has_cuda
+    if config.device is Device.CUDA and not caps.has_cuda:
         raise BackendUnavailable("device=cuda asked but no CUDA device is visible")
-    ort_cuda = CUDA_PROVIDER in caps.ort_providers
-    fp16 = "fp16" in caps.graphs
-    cpu_graphs = caps.graphs & {"int8", "fp32"}
-    torch_ok = caps.torch_available and caps.has_checkpoint
+    ort_cuda = ExecutionProvider.CUDA in caps.ort_providers
+    tensorrt = config.tensorrt and ExecutionProvider.TENSORRT in caps.ort_providers
+    fp16 = Precision.FP16 in caps.graphs
+    cpu_graphs = set(caps.graphs) & {Precision.INT8, Precision.FP32}
+    torch_ok = caps.torch_available and caps.checkpoint is not None
     no_torch = "torch/transformers not installed" if not caps.torch_available else "no checkpoint in this version"
-    where = "device=cpu asked" if config.device == "cpu" else "no CUDA device visible"
+    where = "device=cpu asked" if config.device is Device.CPU else "no CUDA device visible"
 
-    if requested == "torch":
+    if requested is BackendKind.TORCH:
         if not torch_ok:
             raise BackendUnavailable(f"model.toml asks backend = torch but {no_torch} (pip install -e '.[build]')")
         if gpu:
-            return [Choice("torch", "cuda", config.torch_dtype, "backend = torch, CUDA visible")]
-        return [Choice("torch", "cpu", "fp32", f"backend = torch, {where}")]
+            return [_torch(Device.CUDA, config.torch_dtype, "backend = torch, CUDA visible", config, caps)]
+        return [_torch(Device.CPU, Precision.FP32, f"backend = torch, {where}", config, caps)]
 
-    if requested == "onnx":
+    if requested is BackendKind.ONNX:
         if gpu and ort_cuda and fp16:
-            return [Choice("onnx", "cuda", "fp16", "backend = onnx, CUDA visible")]
-        if config.device == "cuda":  # let the encoder say which of provider / graph is missing
-            return [Choice("onnx", "cuda", "fp16", "backend = onnx, device=cuda asked")]
-        return [Choice("onnx", "cpu", config.cpu_precision, f"backend = onnx, {where if not gpu else 'CUDA visible but no ORT CUDA provider or no fp16 graph'}")]
+            return [_onnx_cuda("backend = onnx, CUDA visible", tensorrt, config, caps)]
+        if config.device is Device.CUDA:
+            if not ort_cuda:
+                raise BackendUnavailable(
+                    f"device=cuda asked but onnxruntime has no CUDA provider (has {list(caps.ort_providers)})"
+                )
+            raise BackendUnavailable("device=cuda asked but the model version has no fp16 graph; rebuild with fp16")
+        why = where if not gpu else "CUDA visible but no ORT CUDA provider or no fp16 graph"
+        return [_onnx_cpu(f"backend = onnx, {why}", config, caps)]
 
     candidates: list[Choice] = []
     if gpu:
         if ort_cuda and fp16:
-            trt = " and TensorRT" if config.tensorrt and TENSORRT_PROVIDER in caps.ort_providers else ""
-            candidates.append(Choice("onnx", "cuda", "fp16", f"auto: CUDA visible, onnxruntime CUDA provider{trt}, fp16 graph built"))
+            trt = " and TensorRT" if tensorrt else ""
+            reason = f"auto: CUDA visible, onnxruntime CUDA provider{trt}, fp16 graph built"
+            candidates.append(_onnx_cuda(reason, tensorrt, config, caps))
         if torch_ok:
-            why = "fp16 graph failed to open" if (ort_cuda and fp16) else (
-                "no ONNX graph (checkpoint does not export)" if not caps.graphs
-                else "onnxruntime has no CUDA provider" if not ort_cuda else "no fp16 graph built"
+            why = (
+                "fp16 graph failed to open"
+                if (ort_cuda and fp16)
+                else (
+                    "no ONNX graph (checkpoint does not export)"
+                    if not caps.graphs
+                    else "onnxruntime has no CUDA provider"
+                    if not ort_cuda
+                    else "no fp16 graph built"
+                )
             )
-            candidates.append(Choice("torch", "cuda", config.torch_dtype, f"auto: CUDA visible, {why}"))
+            candidates.append(_torch(Device.CUDA, config.torch_dtype, f"auto: CUDA visible, {why}", config, caps))
         elif not (ort_cuda and fp16):
-            log.warning("backend auto: CUDA visible but neither onnx (provider %s, fp16 %s) nor torch (%s) can use it",
-                        ort_cuda, fp16, no_torch)
-    if config.device != "cuda":
-        if (config.cpu_precision == "auto" and cpu_graphs) or config.cpu_precision in cpu_graphs:
+            log.warning(
+                "backend auto: CUDA visible but neither onnx (provider %s, fp16 %s) nor torch (%s) can use it",
+                ort_cuda,
+                fp16,
+                no_torch,
+            )
+    if config.device is not Device.CUDA:
+        if (config.cpu_precision is Precision.AUTO and cpu_graphs) or config.cpu_precision in cpu_graphs:
             cpu_why = "CUDA backends failed to open" if candidates else where
-            candidates.append(Choice("onnx", "cpu", config.cpu_precision, f"auto: {cpu_why}"))
+            candidates.append(_onnx_cpu(f"auto: {cpu_why}", config, caps))
         elif torch_ok:
-            candidates.append(Choice("torch", "cpu", "fp32", f"auto: {where}, no CPU ONNX graph (checkpoint does not export)"))
+            reason = f"auto: {where}, no CPU ONNX graph (checkpoint does not export)"
+            candidates.append(_torch(Device.CPU, Precision.FP32, reason, config, caps))
     if not candidates:
         raise BackendUnavailable(
-            f"no backend can serve this model here: graphs {sorted(caps.graphs)}, cuda {caps.has_cuda}, "
+            f"no backend can serve this model here: graphs {_names(caps.graphs)}, cuda {caps.has_cuda}, "
             f"onnxruntime providers {list(caps.ort_providers)}, torch: {'ok' if torch_ok else no_torch}"
         )
     return candidates
 
 
+def _onnx_cuda(reason: str, tensorrt: bool, config: BackendConfig, caps: Capabilities) -> Choice:
+    """The fp16 graph on the CUDA provider through IO binding; with TensorRT, TensorRT first and
+    the fp32 graph when built (TensorRT picks its own fp16 kernels from it)."""
+    providers: tuple[ExecutionProvider, ...] = (ExecutionProvider.CUDA, ExecutionProvider.CPU)
+    graph = caps.graphs[Precision.FP16]
+    if tensorrt:
+        providers = (ExecutionProvider.TENSORRT, *providers)
+        graph = caps.graphs.get(Precision.FP32, graph)
+    return Choice(
+        BackendKind.ONNX,
+        Device.CUDA,
+        Precision.FP16,
+        graph,
+        reason,
+        providers=providers,
+        io_binding=True,
+        length_buckets=_length_buckets(Device.CUDA, config, caps),
+    )
+
+
+def _onnx_cpu(reason: str, config: BackendConfig, caps: Capabilities) -> Choice:
+    """The `cpu_precision` graph on the CPU provider; `auto` is int8 when built, else fp32."""
+    precision = config.cpu_precision
+    notes: tuple[str, ...] = ()
+    if precision is Precision.AUTO:
+        precision = Precision.INT8 if Precision.INT8 in caps.graphs else Precision.FP32
+        notes = () if precision is Precision.INT8 else ("no int8 graph built for this model",)
+    if precision not in caps.graphs:
+        raise BackendUnavailable(f"no {precision} graph in this model version (have {_names(caps.graphs)})")
+    return Choice(
+        BackendKind.ONNX,
+        Device.CPU,
+        precision,
+        caps.graphs[precision],
+        reason,
+        notes,
+        providers=(ExecutionProvider.CPU,),
+        length_buckets=_length_buckets(Device.CPU, config, caps),
+    )
+
+
+def _torch(device: Device, precision: Precision, reason: str, config: BackendConfig, caps: Capabilities) -> Choice:
+    assert caps.checkpoint is not None, "plan offers torch only with a checkpoint"
+    return Choice(
+        BackendKind.TORCH,
+        device,
+        precision,
+        caps.checkpoint,
+        reason,
+        length_buckets=_length_buckets(device, config, caps),
+        cuda_graphs=device is Device.CUDA and config.cuda_graphs,
+    )
+
+
+def _length_buckets(device: Device, config: BackendConfig, caps: Capabilities) -> tuple[int, ...]:
+    """Always on CUDA, where each new shape costs a plan; on the CPU only when asked."""
+    if device is Device.CUDA or config.cpu_length_buckets:
+        return length_buckets(config.length_buckets, caps.max_tokens)
+    return ()
+
+
+def _names(graphs: Mapping[Precision, Path]) -> list[str]:
+    return sorted(str(precision) for precision in graphs)
+
+
 def open_encoder(
-    version: BuiltModel, requested: str, config: BackendConfig, *, max_batch: int = 256, pad_id: int = 0,
+    version: BuiltModel,
+    requested: BackendKind,
+    config: BackendConfig,
+    *,
+    max_batch: int = 256,
+    pad_id: int = 0,
     caps: Capabilities | None = None,
 ) -> Encoder:
     """Open the encoder `plan` picks for this version, falling back down the list on failure."""
-    graphs = version.graphs()
-    checkpoint = version.checkpoint_path if "checkpoint" in version.manifest.get("files", {}) else None
-    caps = caps or Capabilities.probe(graphs, checkpoint, config)
+    caps = caps or Capabilities.probe(version, config)
     failures: list[str] = []
     for choice in plan(requested, config, caps):
-        reason = "; ".join([choice.reason, *(f"skipped {f}" for f in failures)])
+        choice = dataclasses.replace(choice, reason="; ".join([choice.reason, *(f"skipped {f}" for f in failures)]))
         try:
-            encoder = _open(choice, version, graphs, checkpoint, config, max_batch, pad_id, reason)
+            encoder = _open(choice, version, config, max_batch, pad_id)
         except BackendUnavailable as exc:
             log.warning("backend %s %s unavailable: %s", choice.backend, choice.device, exc)
             failures.append(f"{choice.backend} {choice.device} ({exc})")
@@ -184,17 +269,17 @@ def open_encoder(
     raise BackendUnavailable("no backend could open this model: " + "; ".join(failures))
 
 
-def _open(choice: Choice, version: BuiltModel, graphs, checkpoint, config, max_batch, pad_id, reason) -> Encoder:
-    if choice.backend == "onnx":
-        precision = choice.precision if choice.device == "cpu" else config.cpu_precision
+def _open(choice: Choice, version: BuiltModel, config: BackendConfig, max_batch: int, pad_id: int) -> Encoder:
+    if choice.backend is BackendKind.ONNX:
         return OnnxEncoder(
-            graphs, version.dim, dataclasses.replace(config, device=choice.device, cpu_precision=precision),
-            max_tokens=version.max_tokens, max_batch=max_batch, pad_id=pad_id,
-            engine_cache=version.folder / "tensorrt-cache", reason=reason,
+            choice,
+            config,
+            dim=version.dim,
+            max_tokens=version.max_tokens,
+            max_batch=max_batch,
+            pad_id=pad_id,
+            engine_cache=version.folder / "tensorrt-cache",
         )
     from .torch_backend import TorchEncoder
 
-    return TorchEncoder(
-        checkpoint, version.manifest.get("pooling", "mean"), config, device=choice.device,
-        max_tokens=version.max_tokens, max_batch=max_batch, pad_id=pad_id, reason=reason,
-    )
+    return TorchEncoder(choice, config, pooling=version.manifest.get("pooling", "mean"), max_batch=max_batch, pad_id=pad_id)

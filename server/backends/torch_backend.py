@@ -7,24 +7,25 @@ to batch buckets), so each (batch, length) shape can be captured once as a CUDA 
 replayed. Pooling (mean, or CLS as a mask on the first position) and L2 normalisation are
 ``kernels.mean_pool_normalize``: numba on the CPU, numba CUDA on the device when numba sees
 it, otherwise the same formula in torch. Output is the ONNX graph's: (normalized, pooled).
-It needs only the checkpoint folder and the model's pooling; it knows nothing of gRPC or batching.
+It opens the `Choice` `select.plan` made (checkpoint, device, dtype, buckets, CUDA graphs) and
+decides none of it; it knows nothing of gRPC or batching.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-import kernels
+from openemploi import kernels
 
-from .base import EncoderInfo
-from .buckets import batch_bucket, bucket_for, length_buckets, pad_to
-from .onnx import BackendUnavailable
+from ..padding import widen
+from .base import BackendKind, BackendUnavailable, Choice, Device, EncoderInfo, Precision
+from .buckets import batch_bucket, bucket_for
 from .options import BackendConfig
 
 log = logging.getLogger(__name__)
@@ -45,65 +46,57 @@ class _Graph:
 
 class TorchEncoder:
     def __init__(
-        self,
-        checkpoint: Path,
-        pooling: str,
-        config: BackendConfig,
-        *,
-        device: str = "cpu",
-        max_tokens: int = 512,
-        max_batch: int = 256,
-        pad_id: int = 0,
-        reason: str = "",
+        self, choice: Choice, config: BackendConfig, *, pooling: str = "mean", max_batch: int = 256, pad_id: int = 0
     ) -> None:
-        """``device``: "cpu" (fp32) or "cuda" (``config.torch_dtype``, device ``config.cuda_device_id``)."""
+        """Open a torch ``choice``; ``config`` gives the CPU threads and the CUDA device.
+
+        ``max_batch`` caps the batch buckets of CUDA graphs; ``pad_id`` fills padded positions.
+        """
         try:
             import torch
             from transformers import AutoConfig, AutoModel
         except ImportError as exc:
-            raise BackendUnavailable(f"the torch backend needs torch and transformers (pip install -e '.[build]'): {exc}") from exc
+            raise BackendUnavailable(
+                f"the torch backend needs torch and transformers (pip install -e '.[build]'): {exc}"
+            ) from exc
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be cpu or cuda, got {device!r}")
         self._torch = torch
         self._pooling = pooling
         self._pad_id = pad_id
         self._max_batch = max_batch
         self._lock = threading.Lock()  # static graph buffers: one batch at a time
-        notes = []
-        if device == "cuda":
+        on_cuda = choice.device is Device.CUDA
+        if on_cuda:
             if not torch.cuda.is_available():
                 raise BackendUnavailable("device=cuda asked but torch sees no CUDA device")
-            if config.torch_dtype == "bf16" and not torch.cuda.is_bf16_supported():
+            if choice.precision is Precision.BF16 and not torch.cuda.is_bf16_supported():
                 raise BackendUnavailable("torch_dtype=bf16 asked but this GPU has no bf16 support; use fp16")
-            self._device = torch.device("cuda", config.cuda_device_id)
-            precision = config.torch_dtype
-            dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+            self._device = torch.device(str(Device.CUDA), config.cuda_device_id)
         else:
-            self._device = torch.device("cpu")
-            precision, dtype = "fp32", torch.float32
+            self._device = torch.device(str(Device.CPU))
             if config.intra_op_threads:
                 torch.set_num_threads(config.intra_op_threads)  # process-wide: torch has no per-model pool
+        dtype = {Precision.FP32: torch.float32, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}[choice.precision]
         from transformers.utils import logging as hf_logging
 
-        # as in modelrepo/export.py: no per-load weight report ("pooler MISSING": we never use it) or bar
+        # as in build/export.py: no per-load weight report ("pooler MISSING": we never use it) or bar
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         try:
-            hf_config = AutoConfig.from_pretrained(checkpoint)
-            model = AutoModel.from_pretrained(checkpoint, attn_implementation="sdpa", dtype=dtype)
+            hf_config = AutoConfig.from_pretrained(choice.model_path)
+            model = AutoModel.from_pretrained(choice.model_path, attn_implementation="sdpa", dtype=dtype)
         except (OSError, ValueError) as exc:
-            raise BackendUnavailable(f"cannot load the checkpoint {checkpoint} with transformers: {exc}") from exc
+            raise BackendUnavailable(f"cannot load the checkpoint {choice.model_path} with transformers: {exc}") from exc
         if hf_config.model_type in ("bert", "roberta", "xlm-roberta") and getattr(model, "pooler", None) is not None:
             model.pooler = None  # we pool ourselves; these models' forward skips a None pooler
         self._model = model.to(self._device).eval()
         dim = int(hf_config.hidden_size)
-        on_cuda = device == "cuda"
-        self._buckets = length_buckets(config.length_buckets, max_tokens) if on_cuda or config.cpu_length_buckets else ()
+        notes = []
+        self._buckets = choice.length_buckets
         if self._buckets:
             notes.append(f"length buckets {list(self._buckets)}")
-        self._use_graphs = on_cuda and config.cuda_graphs
+        self._use_graphs = choice.cuda_graphs
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self._use_graphs else None
         if self._use_graphs:
@@ -111,10 +104,10 @@ class TorchEncoder:
         self._numba_cuda = on_cuda and self._numba_pool_works()
         if on_cuda:
             notes.append("pooling: numba CUDA" if self._numba_cuda else "pooling: torch (numba CUDA unusable here)")
-        detail = "; ".join([d for d in (reason, f"transformers {type(model).__name__} sdpa", *notes) if d])
-        where = f"cuda:{config.cuda_device_id}" if on_cuda else "cpu"
-        self.info = EncoderInfo("torch", where, precision, dim, detail)
-        log.info("torch backend: %s %s (%s)", where, precision, detail)
+        detail = "; ".join([d for d in (choice.reason, f"transformers {type(model).__name__} sdpa", *notes) if d])
+        where = choice.device.placement(config.cuda_device_id)
+        self.info = EncoderInfo(BackendKind.TORCH, where, choice.precision, dim, detail)
+        log.info("torch backend: %s %s (%s)", where, choice.precision, detail)
 
     # ------------------------------------------------------------------ encode
 
@@ -122,9 +115,9 @@ class TorchEncoder:
         rows, width = input_ids.shape
         length = bucket_for(width, self._buckets)
         padded_rows = batch_bucket(rows, self._max_batch) if self._use_graphs else rows
-        ids, mask = pad_to(input_ids, attention_mask, length, padded_rows, self._pad_id)
+        ids, mask = widen(input_ids, attention_mask, length, padded_rows, self._pad_id)
         pool_mask = attention_mask if self._pooling == "mean" else _first_position(attention_mask)
-        pool_mask = pad_to(pool_mask, pool_mask, length, rows)[1]
+        pool_mask = widen(pool_mask, pool_mask, length, rows)[1]
         with self._lock, self._torch.inference_mode():
             hidden = self._forward(ids, mask)[:rows]
             return self._pool(hidden, pool_mask)
@@ -144,7 +137,7 @@ class TorchEncoder:
 
     def _pool(self, hidden, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch
-        if self._device.type == "cpu":
+        if self._device.type == Device.CPU:
             return kernels.mean_pool_normalize(hidden.float().numpy(), mask)
         hidden = hidden.float().contiguous()
         mask_t = torch.from_numpy(np.ascontiguousarray(mask)).to(self._device)
@@ -168,7 +161,7 @@ class TorchEncoder:
             normalized, _ = kernels.mean_pool_normalize(hidden, mask)
             expected, _ = kernels.mean_pool_normalize_reference(hidden.cpu().numpy(), mask.cpu().numpy())
             return bool(np.allclose(normalized.copy_to_host(), expected, atol=1e-5))
-        except Exception as exc:  # noqa: BLE001 - any numba/driver failure: pool in torch instead
+        except Exception as exc:
             log.warning("torch backend: numba CUDA pooling unusable here, pooling in torch: %s", exc)
             return False
 
@@ -199,7 +192,7 @@ class TorchEncoder:
             # work (FAISS, numba) during a capture must not abort it.
             with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
                 hidden = self._model(input_ids=ids, attention_mask=mask).last_hidden_state
-        except Exception as exc:  # noqa: BLE001 - any capture failure: stay correct, run eagerly
+        except Exception as exc:
             log.warning("torch backend: CUDA graph capture failed for shape %s, running without graphs: %s", shape, exc)
             self._use_graphs = False
             self.info = dataclasses.replace(self.info, detail=f"{self.info.detail}; CUDA graphs off ({str(exc)[:200]})")
@@ -216,7 +209,7 @@ class TorchEncoder:
     def close(self) -> None:
         self._graphs.clear()
         self._model = None
-        if self._device.type == "cuda":
+        if self._device.type == Device.CUDA:
             self._torch.cuda.empty_cache()
 
 

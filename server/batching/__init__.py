@@ -1,22 +1,24 @@
-"""Dynamic batching of tokenised texts (one batcher per served model version)."""
+"""Dynamic batching of tokenised texts (one batcher per served model version).
 
-from server.batching.batcher import (
-    FREE_PADDING_TOKENS,
+``config`` holds the limits, ``planning`` decides which texts form a batch,
+``admission`` learns the backend's cost and refuses at submit what would be
+served too late, ``scheduler`` runs the queue and the worker, ``work`` holds
+the records they pass around, and ``errors`` what they raise.
+"""
+
+from .admission import BatchCostModel
+from .config import BatcherConfig
+from .errors import (
     BatcherClosedError,
-    BatcherConfig,
     BatcherError,
-    BatchStats,
     DeadlineExceededError,
     DeadlineUnmeetableError,
-    DynamicBatcher,
     OverloadedError,
     QueueFullError,
-    RunBatch,
-    SubmitResult,
-    pad_sequences,
-    plan_batch,
 )
-from server.batching.cost import BatchCostModel
+from .planning import FREE_PADDING_TOKENS, plan_batch
+from .scheduler import DynamicBatcher
+from .work import BatchStats, RunBatch, SubmitResult
 
 __all__ = [
     "FREE_PADDING_TOKENS",
@@ -32,6 +34,5 @@ __all__ = [
     "QueueFullError",
     "RunBatch",
     "SubmitResult",
-    "pad_sequences",
     "plan_batch",
 ]

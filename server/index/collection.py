@@ -5,6 +5,7 @@ FAISS index then applies the same change. On open, the index snapshot is
 loaded and rows newer than its sequence are replayed; a missing or corrupt
 snapshot is rebuilt from the store with a warning.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -18,10 +19,11 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
-from kernels import RRF_K, fuse_topk, fusion_candidates
+from openemploi.kernels import RRF_K, fuse_topk, fusion_candidates
 
 from .store import NewDocument, StorageFull, Store, StoredDocument, storage_full
 from .text import fts_query
@@ -114,15 +116,22 @@ class Collection:
     def create(cls, folder: Path, spec: CollectionSpec, gpus: GpuPool | None = None) -> Collection:
         folder.mkdir(parents=True, exist_ok=False)
         store = Store(folder / "store.sqlite", spec.dim)
-        created = spec.created_at or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        created = spec.created_at or dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         try:  # on a full disk (StorageFull) close the store: the caller removes the folder
             store.set_info(
                 {
-                    "name": spec.name, "model": spec.model, "model_version": spec.model_version, "dim": str(spec.dim),
-                    "index_params": spec.params.to_json(), "created_at": created, "last_seq": "0",
+                    "name": spec.name,
+                    "model": spec.model,
+                    "model_version": spec.model_version,
+                    "dim": str(spec.dim),
+                    "index_params": spec.params.to_json(),
+                    "created_at": created,
+                    "last_seq": "0",
                 }
             )
-            collection = cls(folder, CollectionSpec(spec.name, spec.model, spec.model_version, spec.dim, spec.params, created), store, gpus)
+            collection = cls(
+                folder, CollectionSpec(spec.name, spec.model, spec.model_version, spec.dim, spec.params, created), store, gpus
+            )
             collection.snapshot()
         except BaseException:
             store.close()
@@ -135,8 +144,12 @@ class Collection:
         info = {k: probe.get_info(k) for k in ("name", "model", "model_version", "dim", "index_params", "created_at")}
         probe.close()
         spec = CollectionSpec(
-            info["name"], info["model"], info["model_version"], int(info["dim"]),
-            IndexParams.from_json(info["index_params"]), info["created_at"],
+            info["name"],
+            info["model"],
+            info["model_version"],
+            int(info["dim"]),
+            IndexParams.from_json(info["index_params"]),
+            info["created_at"],
         )
         collection = cls(folder, spec, Store(folder / "store.sqlite", spec.dim), gpus)
         collection._recover()
@@ -233,7 +246,10 @@ class Collection:
             self._snapshot_retry_seq = self._applied_seq + self.SNAPSHOT_RETRY_EVERY
             log.error(
                 "collection %s: index snapshot not written (%s); the snapshot at sequence %d stays and a restart "
-                "replays the store from it", self.spec.name, exc, self._snapshot_seq,
+                "replays the store from it",
+                self.spec.name,
+                exc,
+                self._snapshot_seq,
             )
             return False
 
@@ -277,7 +293,9 @@ class Collection:
 
     def check_vector(self, vector: np.ndarray, what: str) -> None:
         if vector.shape != (self.spec.dim,):
-            raise InvalidQuery(f"{what}: vector has dimension {vector.size}, collection {self.spec.name!r} expects {self.spec.dim}")
+            raise InvalidQuery(
+                f"{what}: vector has dimension {vector.size}, collection {self.spec.name!r} expects {self.spec.dim}"
+            )
         if not np.all(np.isfinite(vector)):
             raise InvalidQuery(f"{what}: vector contains NaN or infinity")
 
@@ -324,7 +342,7 @@ class Collection:
             return []
         docs = self.store.by_seqs(allowed.tolist(), include_vectors=True)
         seqs = np.fromiter(docs.keys(), np.int64)
-        matrix = np.stack([docs[int(s)].vector for s in seqs])
+        matrix = np.stack([cast(np.ndarray, docs[int(s)].vector) for s in seqs])
         scores = matrix @ vector.astype(np.float32)
         order = np.argsort(-scores, kind="stable")[:k]
         return [(int(seqs[i]), float(scores[i])) for i in order]
@@ -340,21 +358,30 @@ class Collection:
         dense = [(s, score) for s, score in dense if s in docs]
         lexical = [(s, score) for s, score in lexical if s in docs]
         union = [s for s in candidates if s in docs]
-        cosine = {s: float(docs[s].vector @ query.vector) for s in union}
+        cosine = {s: float(cast(np.ndarray, docs[s].vector) @ query.vector) for s in union}
         fused = fuse_topk(
-            np.asarray([s for s, _ in dense], np.int64), np.asarray([c for _, c in dense], np.float64),
-            np.asarray([s for s, _ in lexical], np.int64), np.asarray([c for _, c in lexical], np.float64),
-            query.k, query.fusion, query.dense_weight, np.asarray([cosine[s] for s in union], np.float64),
+            np.asarray([s for s, _ in dense], np.int64),
+            np.asarray([c for _, c in dense], np.float64),
+            np.asarray([s for s, _ in lexical], np.int64),
+            np.asarray([c for _, c in lexical], np.float64),
+            query.k,
+            query.fusion,
+            query.dense_weight,
+            np.asarray([cosine[s] for s in union], np.float64),
         )
         lexical_score = dict(lexical)
         hits = []
-        for s, score, dense_rank, lexical_rank in zip(fused.ids.tolist(), fused.scores.tolist(), fused.dense_rank.tolist(), fused.lexical_rank.tolist()):
+        for s, score, dense_rank, lexical_rank in zip(
+            fused.ids.tolist(), fused.scores.tolist(), fused.dense_rank.tolist(), fused.lexical_rank.tolist()
+        ):
             doc = docs[s]
             if not query.include_vectors:
                 doc = StoredDocument(doc.seq, doc.id, doc.text, doc.metadata, doc.skills, None, doc.model_version)
             hits.append(Hit(doc, score, cosine[s], lexical_score.get(s, 0.0), dense_rank, lexical_rank))
         if query.fusion == "weighted":
-            explanation = f"score = {query.dense_weight:g} * cosine + {1 - query.dense_weight:g} * bm25 / max bm25 of the candidates"
+            explanation = (
+                f"score = {query.dense_weight:g} * cosine + {1 - query.dense_weight:g} * bm25 / max bm25 of the candidates"
+            )
         else:
             explanation = f"score = sum over the dense and lexical rankings of 1 / ({RRF_K} + rank) (reciprocal rank fusion)"
         return SearchResult(hits, explanation)

@@ -4,13 +4,15 @@ Searches keep using the old index until the new one has every document; writes t
 meanwhile are copied over (the last, small delta under the old collection's write lock), so
 no acknowledged change is lost and a search never mixes vectors of two models.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -20,7 +22,7 @@ from .store import NewDocument
 
 log = logging.getLogger(__name__)
 
-EmbedTexts = Callable[[list[str]], Awaitable[np.ndarray]]
+EmbedTexts = Callable[[list[str]], Coroutine[Any, Any, np.ndarray]]
 BATCH = 256
 FINAL_DELTA = 512  # copy under the write lock once fewer changes than this remain
 

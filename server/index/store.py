@@ -6,6 +6,7 @@ of the change that superseded or deleted it (`dead_at`), so the derived index
 can be replayed from any snapshot sequence. A write returns only after its
 transaction is committed to disk.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,6 +19,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -240,17 +242,28 @@ class Store:
                 db.execute(
                     "INSERT INTO docs(seq, id, text, metadata, skills, vector, model_version) VALUES (?,?,?,?,?,?,?)",
                     (
-                        seq, doc.id, doc.text, json.dumps(doc.metadata, ensure_ascii=False),
-                        json.dumps(list(doc.skills), ensure_ascii=False), _blob(doc.vector), model_version,
+                        seq,
+                        doc.id,
+                        doc.text,
+                        json.dumps(doc.metadata, ensure_ascii=False),
+                        json.dumps(list(doc.skills), ensure_ascii=False),
+                        _blob(doc.vector),
+                        model_version,
                     ),
                 )
-                db.executemany("INSERT INTO meta(seq, field, value) VALUES (?,?,?)", [(seq, k, v) for k, v in doc.metadata.items()])
+                db.executemany(
+                    "INSERT INTO meta(seq, field, value) VALUES (?,?,?)", [(seq, k, v) for k, v in doc.metadata.items()]
+                )
                 folded = sorted({fold_skill(s) for s in doc.skills if fold_skill(s)})
                 db.executemany("INSERT INTO skills(seq, skill) VALUES (?,?)", [(seq, s) for s in folded])
                 db.execute("INSERT INTO fts(rowid, text) VALUES (?, ?)", (seq, doc.lexical_text or doc.text))
                 added_ids.append(seq)
             db.execute("INSERT OR REPLACE INTO info(key, value) VALUES ('last_seq', ?)", (str(seq),))
-        vectors = np.stack([np.asarray(d.vector, dtype=np.float32) for d in documents]) if documents else np.zeros((0, self.dim), np.float32)
+        vectors = (
+            np.stack([np.asarray(d.vector, dtype=np.float32) for d in documents])
+            if documents
+            else np.zeros((0, self.dim), np.float32)
+        )
         return Change(np.asarray(added_ids, np.int64), vectors, np.asarray(removed, np.int64), seq)
 
     @staticmethod
@@ -292,7 +305,11 @@ class Store:
         added = db.execute("SELECT seq, vector FROM docs WHERE seq > ? AND dead_at IS NULL ORDER BY seq", (seq,)).fetchall()
         removed = db.execute("SELECT seq FROM docs WHERE seq <= ? AND dead_at > ?", (seq, seq)).fetchall()
         ids = np.asarray([r[0] for r in added], np.int64)
-        vectors = np.stack([_unblob(r[1], self.dim) for r in added]) if added else np.zeros((0, self.dim), np.float32)
+        vectors = (
+            np.stack(cast("list[np.ndarray]", [_unblob(r[1], self.dim) for r in added]))
+            if added
+            else np.zeros((0, self.dim), np.float32)
+        )
         return Change(ids, vectors, np.asarray([r[0] for r in removed], np.int64), self.last_seq())
 
     def live_vectors(self, batch: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -305,18 +322,22 @@ class Store:
             if not rows:
                 return
             last = rows[-1][0]
-            yield np.asarray([r[0] for r in rows], np.int64), np.stack([_unblob(r[1], self.dim) for r in rows])
+            yield (
+                np.asarray([r[0] for r in rows], np.int64),
+                np.stack(cast("list[np.ndarray]", [_unblob(r[1], self.dim) for r in rows])),
+            )
 
     def _rows(self, where: str, params: Sequence, include_vectors: bool) -> list[StoredDocument]:
         column = "vector" if include_vectors else "NULL"
-        rows = self._reader().execute(
-            f"SELECT seq, id, text, metadata, skills, {column}, model_version FROM docs WHERE dead_at IS NULL AND {where}",
-            params,
-        ).fetchall()
-        return [
-            StoredDocument(r[0], r[1], r[2], json.loads(r[3]), json.loads(r[4]), _unblob(r[5], self.dim), r[6])
-            for r in rows
-        ]
+        rows = (
+            self._reader()
+            .execute(
+                f"SELECT seq, id, text, metadata, skills, {column}, model_version FROM docs WHERE dead_at IS NULL AND {where}",
+                params,
+            )
+            .fetchall()
+        )
+        return [StoredDocument(r[0], r[1], r[2], json.loads(r[3]), json.loads(r[4]), _unblob(r[5], self.dim), r[6]) for r in rows]
 
     def by_ids(self, ids: Sequence[str], include_vectors: bool = False) -> dict[str, StoredDocument]:
         found: dict[str, StoredDocument] = {}

@@ -1,4 +1,5 @@
 """Accent folding and term extraction shared by the lexical side and match explanations."""
+
 from __future__ import annotations
 
 import re
@@ -8,9 +9,82 @@ _WORD = re.compile(r"[0-9a-z]+")
 
 # Function words that carry no occupation meaning; kept out of lexical queries.
 STOPWORDS = frozenset(
-    """a au aux avec ce ces dans de des du elle en et eux il je j l la le les leur lui ma mais me mes moi mon ne
-    nos notre nous on ou par pas pour qu que qui sa se ses son sur ta te tes toi ton tu un une vos votre vous c d
-    m n s t y est suis fais fait faire h f hf cdi cdd""".split()
+    [
+        "a",
+        "au",
+        "aux",
+        "avec",
+        "ce",
+        "ces",
+        "dans",
+        "de",
+        "des",
+        "du",
+        "elle",
+        "en",
+        "et",
+        "eux",
+        "il",
+        "je",
+        "j",
+        "l",
+        "la",
+        "le",
+        "les",
+        "leur",
+        "lui",
+        "ma",
+        "mais",
+        "me",
+        "mes",
+        "moi",
+        "mon",
+        "ne",
+        "nos",
+        "notre",
+        "nous",
+        "on",
+        "ou",
+        "par",
+        "pas",
+        "pour",
+        "qu",
+        "que",
+        "qui",
+        "sa",
+        "se",
+        "ses",
+        "son",
+        "sur",
+        "ta",
+        "te",
+        "tes",
+        "toi",
+        "ton",
+        "tu",
+        "un",
+        "une",
+        "vos",
+        "votre",
+        "vous",
+        "c",
+        "d",
+        "m",
+        "n",
+        "s",
+        "t",
+        "y",
+        "est",
+        "suis",
+        "fais",
+        "fait",
+        "faire",
+        "h",
+        "f",
+        "hf",
+        "cdi",
+        "cdd",
+    ]
 )
 
 

@@ -5,6 +5,7 @@ vectors, so removed ids become tombstones excluded at search time until the
 next rebuild. When faiss has GPUs, Flat and IVF searches run on a GPU copy;
 each device has its own StandardGpuResources, used by one search at a time.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,13 +14,14 @@ import math
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-MAX_K = 2048
+MAX_K = 2048  # the deepest search the index runs; limits.max_k, what callers may ask, stays within it
 KINDS = ("auto", "flat", "hnsw", "ivf")
 IVF_MIN_TRAIN = 10_000
 
@@ -77,7 +79,7 @@ class VectorIndex:
         self._name = name
         self._lock = threading.RLock()
         self._tombstones: set[int] = set()
-        self._gpu_copy = None
+        self._gpu_copy: Any = None  # a faiss GPU index
         self._gpu_dirty = True
         self.kind = "hnsw" if params.kind == "hnsw" else "flat"
         self._index = self._empty(self.kind)
@@ -204,6 +206,7 @@ class VectorIndex:
         return bool(self._gpus and self._gpus.count and self.kind in ("flat", "ivf") and selector is None)
 
     def _gpu_search(self, queries: np.ndarray, k: int):
+        assert self._gpus is not None  # only called when _use_gpu(): a pool with GPUs
         device = self._gpus.device_for(self._name)
         with self._gpus._locks[device]:
             if self._gpu_dirty or self._gpu_copy is None:

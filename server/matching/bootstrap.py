@@ -3,6 +3,7 @@
 Re-indexed only when the catalogue files or the model version change; the
 collection records both, so a restart reuses what is on disk.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +14,7 @@ from tqdm import tqdm
 from ..index.collection import Collection, CollectionManager, CollectionNotFound, CollectionSpec
 from ..index.store import NewDocument
 from ..index.vectors import IndexParams
-from ..modelrepo.registry import LoadedModel
+from ..runtime.registry import LoadedModel
 from ..tokenize import TextKind
 from .catalogue import Occupation, catalogue_version, entries
 
@@ -39,6 +40,7 @@ async def ensure_rome_collection(
     collection = await asyncio.to_thread(manager.create, spec)
     todo = [entry for occupation in occupations for entry in entries(occupation)]
     bar = tqdm(total=len(todo), desc=f"indexing {name}", unit="entry", disable=not progress)
+
     async def embed_chunk(chunk):
         result = await model.embed([e.text for e in chunk], TextKind.PASSAGE, truncate=True)
         return [

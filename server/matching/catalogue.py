@@ -2,6 +2,7 @@
 (France Travail open data, see data/PROVENANCE.md) plus the enrichment the
 team wrote (titles by gender, common titles, abbreviations, tasks, skills).
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -3,6 +3,7 @@
 Both are plain functions of a collection and an already-embedded query; the
 API layer embeds the text with the collection's model and calls them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -12,6 +13,7 @@ import numpy as np
 
 from ..index.collection import Collection, Hit, SearchQuery
 from ..index.text import fold_skill, terms
+from ..index.vectors import MAX_K
 from .catalogue import Occupation, entries
 
 OCCUPATION_POOL = 300  # entries retrieved per side before grouping by code
@@ -44,9 +46,7 @@ class OccupationMatcher:
     def __init__(self, collection: Callable[[], Collection], occupations: list[Occupation]) -> None:
         self._collection = collection  # looked up per call: a re-embed swaps the collection object
         self.occupations = {o.code: o for o in occupations}
-        self._terms = {
-            o.code: set().union(*(terms(e.lexical_text) for e in entries(o))) for o in occupations
-        }
+        self._terms = {o.code: set().union(*(terms(e.lexical_text) for e in entries(o))) for o in occupations}
 
     @property
     def collection(self) -> Collection:
@@ -97,7 +97,7 @@ def match_profile(
 ) -> list[ProfileScore]:
     """Dense similarity to the profile text, blended with the share of each item's skills the profile has."""
     pool = max(5 * k, PROFILE_POOL_MIN)
-    result = collection.search(SearchQuery(vector=vector, k=min(pool, 2048), filters=filters))
+    result = collection.search(SearchQuery(vector=vector, k=min(pool, MAX_K), filters=filters))
     have = {fold_skill(s) for s in skills if fold_skill(s)}
     scored = []
     for hit in result.hits:

@@ -1,4 +1,5 @@
 """A real server on its own event-loop thread, for tests that use blocking stubs."""
+
 from __future__ import annotations
 
 import asyncio
@@ -10,8 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from server.app import RunningServer, start_server
-from server.config import LimitsConfig, ServerConfig
+from openemploi.app import RunningServer, start_server
+from openemploi.config import LimitsConfig, ServerConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = "multilingual-e5-small"
@@ -51,7 +52,9 @@ def make_config(**changes) -> ServerConfig:
         model_repository=REPO_ROOT / "models",
         default_model=DEFAULT_MODEL,
         models=(DEFAULT_MODEL,),
-        limits=LimitsConfig(max_texts_per_request=64, max_message_bytes=MAX_MESSAGE_BYTES, max_text_chars=20_000, stream_window=4),
+        limits=LimitsConfig(
+            max_texts_per_request=64, max_message_bytes=MAX_MESSAGE_BYTES, max_text_chars=20_000, stream_window=4
+        ),
     )
     return dataclasses.replace(base, **changes)
 

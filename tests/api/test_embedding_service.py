@@ -1,4 +1,5 @@
 """EmbeddingService through a real gRPC channel, with the real default model."""
+
 from __future__ import annotations
 
 import threading
@@ -9,15 +10,17 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from harness import DEFAULT_MODEL, MAX_MESSAGE_BYTES, ServerThread, expect, make_config
 
+from openemploi.backends.base import BackendKind, Device
+from openemploi.backends.options import BackendConfig
+from openemploi.backends.select import open_encoder
+from openemploi.batching import BatcherConfig
+from openemploi.build.fidelity import Probe
+from openemploi.padding import pad_sequences
+from openemploi.tokenize import TextKind, TextTokenizer, TokenizerConfig
 from openemploi.v1 import embedding_pb2 as pb
 from openemploi.v1 import embedding_pb2_grpc as pb_grpc
-from server.backends.onnx import OnnxBackendConfig, OnnxEncoder
-from server.batching import BatcherConfig
-from server.modelrepo.fidelity import Probe, pad_batch
-from server.tokenize import TextKind, TextTokenizer, TokenizerConfig
-
-from harness import DEFAULT_MODEL, MAX_MESSAGE_BYTES, ServerThread, expect, make_config
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +40,14 @@ def stub(server):
 def reference(default_version):
     """Unbatched vectors: each text alone through the same int8 backend."""
     version = default_version
-    tokenizer = TextTokenizer(version.tokenizer_path, TokenizerConfig(version.max_tokens, version.query_prefix, version.passage_prefix))
-    encoder = OnnxEncoder(version.graphs(), version.dim, OnnxBackendConfig(device="cpu"))
+    tokenizer = TextTokenizer(
+        version.tokenizer_path, TokenizerConfig(version.max_tokens, version.query_prefix, version.passage_prefix)
+    )
+    encoder = open_encoder(version, BackendKind.ONNX, BackendConfig(device=Device.CPU))
 
     def embed_alone(text: str, kind: TextKind = TextKind.PASSAGE) -> np.ndarray:
         tokens = tokenizer.encode([text], kind, truncate=True)
-        return encoder.encode(*pad_batch(tokens, tokenizer.pad_id))[0][0]
+        return encoder.encode(*pad_sequences([t.ids for t in tokens], tokenizer.pad_id))[0][0]
 
     return embed_alone
 
@@ -126,14 +131,12 @@ def test_normalize_false_returns_pooled_vectors(stub):
 
 def test_truncate_true_cuts_long_texts_to_the_model_limit(stub):
     response = stub.Embed(pb.EmbedRequest(texts=["mot " * 700, "court"], truncate=True), timeout=60)
-    assert list(response.token_counts)[0] == 512
+    assert next(iter(response.token_counts)) == 512
     assert list(response.truncated) == [True, False]
 
 
 def test_trailing_metadata_carries_request_id_and_stage_timings(stub):
-    _, call = stub.Embed.with_call(
-        pb.EmbedRequest(texts=["Comptable"]), metadata=(("x-request-id", "req-42"),), timeout=30
-    )
+    _, call = stub.Embed.with_call(pb.EmbedRequest(texts=["Comptable"]), metadata=(("x-request-id", "req-42"),), timeout=30)
     trailing = dict(call.trailing_metadata())
     assert trailing["x-request-id"] == "req-42"
     for stage in ("tokenize", "queue", "inference"):
@@ -154,7 +157,17 @@ def test_trailing_metadata_carries_request_id_and_stage_timings(stub):
         (pb.EmbedRequest(texts=["a"], encoding=9), grpc.StatusCode.INVALID_ARGUMENT, "encoding"),
         (pb.EmbedRequest(texts=["x" * (MAX_MESSAGE_BYTES + 10)]), grpc.StatusCode.RESOURCE_EXHAUSTED, str(MAX_MESSAGE_BYTES)),
     ],
-    ids=["empty", "too-long", "unknown-model", "unknown-version", "too-many", "too-many-chars", "bad-kind", "bad-encoding", "too-big"],
+    ids=[
+        "empty",
+        "too-long",
+        "unknown-model",
+        "unknown-version",
+        "too-many",
+        "too-many-chars",
+        "bad-kind",
+        "bad-encoding",
+        "too-big",
+    ],
 )
 def test_bad_input_gets_a_specific_status(stub, request_, code, needle):
     details = expect(lambda: stub.Embed(request_, timeout=30), code)

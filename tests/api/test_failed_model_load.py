@@ -1,28 +1,25 @@
 """A LoadModel that fails (truncated graph, graph gone, failed warm-up) frees what it built.
 
-gRPC keeps an aborted call's exception alive, and with it the frames of the failed load, which held
-the new version's tokenizer and ONNX session: each failed LoadModel used to keep ~250 MB.
+gRPC keeps an aborted call's exception alive, and with it the frames of the failed load, which hold
+the new version's tokenizer and ONNX session (~250 MB): unless the load drops them, every failed
+LoadModel keeps that much.
 """
+
 from __future__ import annotations
 
 import gc
-import sys
 
 import grpc
 import pytest
+from harness import REPO_ROOT, ServerThread, make_config
 
+from openemploi.testing.faults import linked_model_repository
+from openemploi.testing.model_faults import BROKEN_KINDS, make_version
+from openemploi.tokenize import TextTokenizer
 from openemploi.v1 import embedding_pb2 as pb
 from openemploi.v1 import embedding_pb2_grpc as pb_grpc
 from openemploi.v1 import models_pb2 as mpb
 from openemploi.v1 import models_pb2_grpc as mpb_grpc
-from server.tokenize import TextTokenizer
-
-from harness import REPO_ROOT, ServerThread, make_config
-
-if str(REPO_ROOT / "benchmarks") not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-
-import chaos
 
 E5 = "multilingual-e5-small"
 
@@ -33,9 +30,9 @@ def tokenizers_alive() -> int:
 
 
 def test_failed_loads_keep_serving_and_free_what_they_built(default_version, tmp_path):
-    repo = chaos.linked_model_repository(tmp_path / "models", REPO_ROOT / "models")
+    repo = linked_model_repository(tmp_path / "models", REPO_ROOT / "models")
     folder = repo / E5
-    broken = [chaos.make_version(folder / default_version.version, folder / f"broken-{k}", k) for k in chaos.BROKEN_KINDS]
+    broken = [make_version(folder / default_version.version, folder / f"broken-{k}", k) for k in BROKEN_KINDS]
     running = ServerThread(make_config(collections_dir=tmp_path / "collections", model_repository=repo))
     try:
         with grpc.insecure_channel(running.address) as channel:

@@ -1,22 +1,47 @@
 """IndexService through a real gRPC channel: collections, upsert, filters, hybrid, restart."""
+
 from __future__ import annotations
 
 import grpc
 import numpy as np
 import pytest
+from harness import ServerThread, expect, make_config
 
 from openemploi.v1 import index_pb2 as ipb
 from openemploi.v1 import index_pb2_grpc as ipb_grpc
 
-from harness import ServerThread, expect, make_config
-
 DIM = 384
 OFFERS = [
-    ("o1", "Boulangère en CDI, fabrication du pain et des viennoiseries la nuit", {"ville": "Lyon", "contrat": "CDI"}, ["panification", "HACCP"]),
-    ("o2", "Cariste CACES R489 cat. 3 pour entrepôt logistique, horaires d'équipe", {"ville": "Lyon", "contrat": "CDD"}, ["CACES R489", "gestion des stocks"]),
-    ("o3", "Aide-soignant(e) en EHPAD, soins d'hygiène et de confort aux résidents", {"ville": "Paris", "contrat": "CDI"}, ["soins d'hygiène", "bienveillance"]),
-    ("o4", "Développeur web Python / Django, API REST et bases PostgreSQL", {"ville": "Paris", "contrat": "CDI"}, ["Python", "SQL"]),
-    ("o5", "Maçon coffreur sur chantiers de gros œuvre, lecture de plans", {"ville": "Nantes", "contrat": "Intérim"}, ["coffrage", "lecture de plans"]),
+    (
+        "o1",
+        "Boulangère en CDI, fabrication du pain et des viennoiseries la nuit",
+        {"ville": "Lyon", "contrat": "CDI"},
+        ["panification", "HACCP"],
+    ),
+    (
+        "o2",
+        "Cariste CACES R489 cat. 3 pour entrepôt logistique, horaires d'équipe",
+        {"ville": "Lyon", "contrat": "CDD"},
+        ["CACES R489", "gestion des stocks"],
+    ),
+    (
+        "o3",
+        "Aide-soignant(e) en EHPAD, soins d'hygiène et de confort aux résidents",
+        {"ville": "Paris", "contrat": "CDI"},
+        ["soins d'hygiène", "bienveillance"],
+    ),
+    (
+        "o4",
+        "Développeur web Python / Django, API REST et bases PostgreSQL",
+        {"ville": "Paris", "contrat": "CDI"},
+        ["Python", "SQL"],
+    ),
+    (
+        "o5",
+        "Maçon coffreur sur chantiers de gros œuvre, lecture de plans",
+        {"ville": "Nantes", "contrat": "Intérim"},
+        ["coffrage", "lecture de plans"],
+    ),
 ]
 
 
@@ -71,14 +96,21 @@ def random_collection(stub):
 def test_create_list_drop_and_their_errors(stub, default_version):
     created = stub.CreateCollection(ipb.CreateCollectionRequest(name="cv-2026"), timeout=30).collection
     assert (created.model, created.model_version, created.dim, created.size) == (
-        "multilingual-e5-small", default_version.version, DIM, 0,
+        "multilingual-e5-small",
+        default_version.version,
+        DIM,
+        0,
     )
     assert created.index_kind == "flat" and created.device == "cpu"
     names = [c.name for c in stub.ListCollections(ipb.ListCollectionsRequest(), timeout=30).collections]
     assert "cv-2026" in names
     expect(lambda: stub.CreateCollection(ipb.CreateCollectionRequest(name="cv-2026"), timeout=30), grpc.StatusCode.ALREADY_EXISTS)
-    expect(lambda: stub.CreateCollection(ipb.CreateCollectionRequest(name="Bad Name!"), timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
-    expect(lambda: stub.CreateCollection(ipb.CreateCollectionRequest(name="x", model="nope"), timeout=30), grpc.StatusCode.NOT_FOUND)
+    expect(
+        lambda: stub.CreateCollection(ipb.CreateCollectionRequest(name="Bad Name!"), timeout=30), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    expect(
+        lambda: stub.CreateCollection(ipb.CreateCollectionRequest(name="x", model="nope"), timeout=30), grpc.StatusCode.NOT_FOUND
+    )
     assert stub.DropCollection(ipb.DropCollectionRequest(name="cv-2026"), timeout=30).dropped
     expect(lambda: stub.DropCollection(ipb.DropCollectionRequest(name="cv-2026"), timeout=30), grpc.StatusCode.NOT_FOUND)
     expect(lambda: stub.Search(ipb.SearchRequest(collection="cv-2026", text="x", k=1), timeout=30), grpc.StatusCode.NOT_FOUND)
@@ -102,8 +134,18 @@ def test_get_upsert_replace_and_delete(stub, offers):
     got = stub.Get(ipb.GetRequest(collection=offers, ids=["o2", "zzz", "o1"], include_vectors=True), timeout=30)
     assert [d.id for d in got.documents] == ["o2", "o1"] and list(got.missing) == ["zzz"]
     assert len(got.documents[0].vector) == DIM and got.documents[0].metadata["contrat"] == "CDD"
-    stub.Upsert(ipb.UpsertRequest(collection=offers, documents=[ipb.Document(id="tmp", text="Serveur en brasserie", metadata={"ville": "Lille"})]), timeout=30)
-    stub.Upsert(ipb.UpsertRequest(collection=offers, documents=[ipb.Document(id="tmp", text="Plombier chauffagiste", metadata={"ville": "Lyon"})]), timeout=30)
+    stub.Upsert(
+        ipb.UpsertRequest(
+            collection=offers, documents=[ipb.Document(id="tmp", text="Serveur en brasserie", metadata={"ville": "Lille"})]
+        ),
+        timeout=30,
+    )
+    stub.Upsert(
+        ipb.UpsertRequest(
+            collection=offers, documents=[ipb.Document(id="tmp", text="Plombier chauffagiste", metadata={"ville": "Lyon"})]
+        ),
+        timeout=30,
+    )
     replaced = stub.Get(ipb.GetRequest(collection=offers, ids=["tmp"]), timeout=30).documents[0]
     assert replaced.text == "Plombier chauffagiste" and replaced.metadata["ville"] == "Lyon"
     hits = stub.Search(ipb.SearchRequest(collection=offers, text="plomberie et chauffage", k=10), timeout=30).hits
@@ -151,8 +193,12 @@ def test_filters_match_an_exact_reference(stub, random_collection, cities, nivea
         filters.append(ipb.Filter(field="niveau", values=[niveau]))
     response = stub.Search(
         ipb.SearchRequest(
-            collection="aleatoire", vector=query.tolist(), k=15, filters=filters,
-            skills_all=list(skills_all), skills_any=list(skills_any),
+            collection="aleatoire",
+            vector=query.tolist(),
+            k=15,
+            filters=filters,
+            skills_all=list(skills_all),
+            skills_any=list(skills_any),
         ),
         timeout=30,
     )
@@ -167,7 +213,9 @@ def test_hybrid_search_fuses_accent_folded_lexical_matches(stub, offers):
     assert top.id == "o1" and top.lexical_rank == 1 and top.lexical_score > 0 and top.dense_rank >= 1
     assert "reciprocal rank fusion" in response.explanation
     weighted = stub.Search(
-        ipb.SearchRequest(collection=offers, text="boulangere viennoiseries", k=3, hybrid=True, fusion=ipb.WEIGHTED, dense_weight=0.5),
+        ipb.SearchRequest(
+            collection=offers, text="boulangere viennoiseries", k=3, hybrid=True, fusion=ipb.WEIGHTED, dense_weight=0.5
+        ),
         timeout=30,
     )
     assert weighted.hits[0].id == "o1" and "0.5 * cosine" in weighted.explanation
@@ -192,10 +240,13 @@ def test_bad_search_and_upsert_inputs(stub, offers):
             grpc.StatusCode.FAILED_PRECONDITION,
         ),
         "no query": (ipb.SearchRequest(collection=offers, k=3), grpc.StatusCode.INVALID_ARGUMENT),
-        "hybrid without text": (ipb.SearchRequest(collection=offers, vector=good, k=3, hybrid=True), grpc.StatusCode.INVALID_ARGUMENT),
+        "hybrid without text": (
+            ipb.SearchRequest(collection=offers, vector=good, k=3, hybrid=True),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
     }
     for name, (request, code) in bad.items():
-        details = expect(lambda: stub.Search(request, timeout=30), code)
+        details = expect(lambda request=request: stub.Search(request, timeout=30), code)
         assert details, name
     bad_upserts = [
         ipb.UpsertRequest(collection=offers),
@@ -206,8 +257,8 @@ def test_bad_search_and_upsert_inputs(stub, offers):
         ipb.UpsertRequest(collection=offers, documents=[ipb.Document(id="d", text="a"), ipb.Document(id="d", text="b")]),
     ]
     for request in bad_upserts:
-        expect(lambda: stub.Upsert(request, timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
-    size = [c.size for c in stub.ListCollections(ipb.ListCollectionsRequest(), timeout=30).collections if c.name == offers][0]
+        expect(lambda request=request: stub.Upsert(request, timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
+    size = next(c.size for c in stub.ListCollections(ipb.ListCollectionsRequest(), timeout=30).collections if c.name == offers)
     assert size == len(OFFERS)
 
 
@@ -219,7 +270,7 @@ def test_approximate_index_kinds_serve_searches(stub, kind):
     documents = [ipb.Document(id=f"v{i}", vector=v.tolist()) for i, v in enumerate(vectors)]
     for start in range(0, len(documents), 100):
         stub.Upsert(ipb.UpsertRequest(collection=name, documents=documents[start : start + 100]), timeout=60)
-    info = [c for c in stub.ListCollections(ipb.ListCollectionsRequest(), timeout=30).collections if c.name == name][0]
+    info = next(c for c in stub.ListCollections(ipb.ListCollectionsRequest(), timeout=30).collections if c.name == name)
     assert info.index_kind == ("hnsw" if kind == ipb.HNSW else "ivf") and info.size == 300
     found = sum(
         stub.Search(ipb.SearchRequest(collection=name, vector=vectors[i].tolist(), k=1), timeout=30).hits[0].id == f"v{i}"

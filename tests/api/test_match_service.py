@@ -1,17 +1,17 @@
 """MatchService through a real gRPC channel, over the ROME catalogue indexed at start."""
+
 from __future__ import annotations
 
 import grpc
 import pytest
+from harness import ServerThread, expect, make_config
 
+from openemploi.index.text import terms
+from openemploi.matching.catalogue import entries, load_catalogue
 from openemploi.v1 import index_pb2 as ipb
 from openemploi.v1 import index_pb2_grpc as ipb_grpc
 from openemploi.v1 import match_pb2 as mpb
 from openemploi.v1 import match_pb2_grpc as mpb_grpc
-from server.index.text import terms
-from server.matching.catalogue import entries, load_catalogue
-
-from harness import ServerThread, expect, make_config
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,9 @@ def test_rome_collection_is_ready_at_start(index):
 
 
 def test_the_baker_is_found_from_a_job_seekers_words(match):
-    response = match.MatchOccupation(mpb.MatchOccupationRequest(text="je fais le pain et les croissants la nuit", k=5), timeout=30)
+    response = match.MatchOccupation(
+        mpb.MatchOccupationRequest(text="je fais le pain et les croissants la nuit", k=5), timeout=30
+    )
     assert "D1102" in [m.code for m in response.matches]
 
 
@@ -80,20 +82,40 @@ def test_matches_carry_their_evidence(match, default_version):
 
 def test_match_occupation_bad_inputs(match):
     expect(lambda: match.MatchOccupation(mpb.MatchOccupationRequest(text="  "), timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
-    expect(lambda: match.MatchOccupation(mpb.MatchOccupationRequest(text="maçon", k=101), timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
-    expect(lambda: match.MatchOccupation(mpb.MatchOccupationRequest(text="maçon", k=-1), timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
+    expect(
+        lambda: match.MatchOccupation(mpb.MatchOccupationRequest(text="maçon", k=101), timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    expect(
+        lambda: match.MatchOccupation(mpb.MatchOccupationRequest(text="maçon", k=-1), timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
 
 
 def test_match_profile_ranks_items_and_explains_skills(match, index):
     index.CreateCollection(ipb.CreateCollectionRequest(name="offres-profil"), timeout=30)
     offers = [
-        ipb.Document(id="a", text="Développeur backend Python pour une plateforme d'emploi", skills=["Python", "SQL", "Docker"], metadata={"ville": "Lyon"}),
-        ipb.Document(id="b", text="Développeur front-end React et TypeScript", skills=["React", "TypeScript", "CSS"], metadata={"ville": "Lyon"}),
-        ipb.Document(id="c", text="Boulanger pour boulangerie artisanale", skills=["panification", "HACCP"], metadata={"ville": "Paris"}),
+        ipb.Document(
+            id="a",
+            text="Développeur backend Python pour une plateforme d'emploi",
+            skills=["Python", "SQL", "Docker"],
+            metadata={"ville": "Lyon"},
+        ),
+        ipb.Document(
+            id="b",
+            text="Développeur front-end React et TypeScript",
+            skills=["React", "TypeScript", "CSS"],
+            metadata={"ville": "Lyon"},
+        ),
+        ipb.Document(
+            id="c", text="Boulanger pour boulangerie artisanale", skills=["panification", "HACCP"], metadata={"ville": "Paris"}
+        ),
     ]
     index.Upsert(ipb.UpsertRequest(collection="offres-profil", documents=offers), timeout=60)
     response = match.MatchProfile(
-        mpb.MatchProfileRequest(collection="offres-profil", text="développeuse python, 5 ans d'API web", skills=["python", "sql", "git"], k=3),
+        mpb.MatchProfileRequest(
+            collection="offres-profil", text="développeuse python, 5 ans d'API web", skills=["python", "sql", "git"], k=3
+        ),
         timeout=30,
     )
     top = response.matches[0]
@@ -102,12 +124,23 @@ def test_match_profile_ranks_items_and_explains_skills(match, index):
     assert top.skill_score == pytest.approx(2 / 3)
     assert top.score == pytest.approx(0.7 * top.dense_score + 0.3 * top.skill_score, abs=1e-5)
     filtered = match.MatchProfile(
-        mpb.MatchProfileRequest(collection="offres-profil", text="python", skills=["python"], k=3, filters=[ipb.Filter(field="ville", values=["Paris"])]),
+        mpb.MatchProfileRequest(
+            collection="offres-profil",
+            text="python",
+            skills=["python"],
+            k=3,
+            filters=[ipb.Filter(field="ville", values=["Paris"])],
+        ),
         timeout=30,
     )
     assert [m.id for m in filtered.matches] == ["c"]
-    expect(lambda: match.MatchProfile(mpb.MatchProfileRequest(collection="absente", text="x"), timeout=30), grpc.StatusCode.NOT_FOUND)
-    expect(lambda: match.MatchProfile(mpb.MatchProfileRequest(collection="offres-profil"), timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
+    expect(
+        lambda: match.MatchProfile(mpb.MatchProfileRequest(collection="absente", text="x"), timeout=30), grpc.StatusCode.NOT_FOUND
+    )
+    expect(
+        lambda: match.MatchProfile(mpb.MatchProfileRequest(collection="offres-profil"), timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
     expect(
         lambda: match.MatchProfile(mpb.MatchProfileRequest(collection="offres-profil", text="x", skill_weight=2.0), timeout=30),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -115,12 +148,14 @@ def test_match_profile_ranks_items_and_explains_skills(match, index):
 
 
 def test_restart_reuses_the_indexed_catalogue(server, index, collections_dir, default_version):
-    before = [c for c in index.ListCollections(ipb.ListCollectionsRequest(), timeout=30).collections if c.name == "rome"][0]
+    before = next(c for c in index.ListCollections(ipb.ListCollectionsRequest(), timeout=30).collections if c.name == "rome")
     again = ServerThread(make_config(collections_dir=collections_dir, rome_collection=True))
     try:
         with grpc.insecure_channel(again.address) as channel:
             stub = ipb_grpc.IndexServiceStub(channel)
-            after = [c for c in stub.ListCollections(ipb.ListCollectionsRequest(), timeout=30).collections if c.name == "rome"][0]
+            after = next(
+                c for c in stub.ListCollections(ipb.ListCollectionsRequest(), timeout=30).collections if c.name == "rome"
+            )
     finally:
         again.stop()
     assert (after.created_at, after.last_sequence, after.size) == (before.created_at, before.last_sequence, before.size)
@@ -131,8 +166,10 @@ def test_a_server_without_the_catalogue_says_so_with_failed_precondition(default
     try:
         with grpc.insecure_channel(running.address) as channel:
             stub = mpb_grpc.MatchServiceStub(channel)
-            details = expect(lambda: stub.MatchOccupation(mpb.MatchOccupationRequest(text="boulanger"), timeout=30),
-                             grpc.StatusCode.FAILED_PRECONDITION)
+            details = expect(
+                lambda: stub.MatchOccupation(mpb.MatchOccupationRequest(text="boulanger"), timeout=30),
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
             assert "rome_collection" in details
     finally:
         running.stop()

@@ -1,18 +1,18 @@
 """Prometheus metrics scraped over HTTP after real gRPC traffic."""
+
 from __future__ import annotations
 
 import urllib.request
 
 import grpc
 import pytest
+from harness import ServerThread, make_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from openemploi.v1 import embedding_pb2 as pb
 from openemploi.v1 import embedding_pb2_grpc as pb_grpc
 from openemploi.v1 import index_pb2 as ipb
 from openemploi.v1 import index_pb2_grpc as ipb_grpc
-
-from harness import ServerThread, make_config
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,9 @@ def test_requests_batches_rejections_and_gauges_are_exported(server, default_ver
     assert value(samples, "openemploi_batch_size_sum", model=model) >= 7  # 6 texts + 1 upserted document
     assert value(samples, "openemploi_inference_seconds_count", model=model, version=default_version.version) >= 3
     assert value(samples, "openemploi_batch_padding_ratio_count", model=model) >= 3
-    assert value(samples, "openemploi_model_loaded", model=model, version=default_version.version, device="cpu", precision="int8") == 1
+    assert (
+        value(samples, "openemploi_model_loaded", model=model, version=default_version.version, device="cpu", precision="int8")
+        == 1
+    )
     assert value(samples, "openemploi_queue_depth", model=model) == 0
     assert value(samples, "openemploi_collection_documents", collection="mesures") == 1

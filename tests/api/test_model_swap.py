@@ -1,4 +1,5 @@
 """Serving several models and swapping them under load: zero failed requests."""
+
 from __future__ import annotations
 
 import json
@@ -10,25 +11,31 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from harness import REPO_ROOT, ServerThread, make_config
 
+from openemploi.backends import BackendKind, Device
+from openemploi.backends.options import BackendConfig
+from openemploi.backends.select import open_encoder
+from openemploi.build.build import BuildOptions, build_model
+from openemploi.padding import pad_sequences
+from openemploi.runtime.repository import ModelRepository
+from openemploi.tokenize import TextKind, TextTokenizer, TokenizerConfig
 from openemploi.v1 import embedding_pb2 as pb
 from openemploi.v1 import embedding_pb2_grpc as pb_grpc
 from openemploi.v1 import models_pb2 as mpb
 from openemploi.v1 import models_pb2_grpc as mpb_grpc
-from server.backends.onnx import OnnxBackendConfig, OnnxEncoder
-from server.modelrepo.build import BuildOptions, build_model
-from server.modelrepo.fidelity import pad_batch
-from server.modelrepo.repository import ModelRepository
-from server.tokenize import TextKind, TextTokenizer, TokenizerConfig
-
-from harness import REPO_ROOT, ServerThread, make_config
 
 E5 = "multilingual-e5-small"
 MINILM = "all-minilm-l6-v2"
 TEXTS = [
-    "Boulanger / Boulangère", "cariste CACES R489 en entrepôt", "aide-soignante de nuit en EHPAD",
-    "développeur Python back-end", "maçon coffreur, gros œuvre", "serveuse en brasserie à Lyon",
-    "comptable fournisseurs, 5 ans d'expérience", "chauffeur SPL frigo, permis CE",
+    "Boulanger / Boulangère",
+    "cariste CACES R489 en entrepôt",
+    "aide-soignante de nuit en EHPAD",
+    "développeur Python back-end",
+    "maçon coffreur, gros œuvre",
+    "serveuse en brasserie à Lyon",
+    "comptable fournisseurs, 5 ans d'expérience",
+    "chauffeur SPL frigo, permis CE",
 ]
 
 
@@ -45,9 +52,14 @@ def server(default_version, minilm_version, tmp_path_factory):
 
 
 def unbatched(version) -> dict[str, np.ndarray]:
-    tokenizer = TextTokenizer(version.tokenizer_path, TokenizerConfig(version.max_tokens, version.query_prefix, version.passage_prefix))
-    encoder = OnnxEncoder(version.graphs(), version.dim, OnnxBackendConfig(device="cpu"))
-    return {t: encoder.encode(*pad_batch(tokenizer.encode([t], TextKind.PASSAGE), tokenizer.pad_id))[0][0] for t in TEXTS}
+    tokenizer = TextTokenizer(
+        version.tokenizer_path, TokenizerConfig(version.max_tokens, version.query_prefix, version.passage_prefix)
+    )
+    encoder = open_encoder(version, BackendKind.ONNX, BackendConfig(device=Device.CPU))
+    return {
+        t: encoder.encode(*pad_sequences([tok.ids for tok in tokenizer.encode([t], TextKind.PASSAGE)], tokenizer.pad_id))[0][0]
+        for t in TEXTS
+    }
 
 
 def test_second_real_checkpoint_is_built_without_int8_and_served_in_fp32(minilm_version):
@@ -56,7 +68,7 @@ def test_second_real_checkpoint_is_built_without_int8_and_served_in_fp32(minilm_
     gates = {g["name"]: g["value"] for g in fidelity["gates"]}
     assert gates["export_cosine_min"] >= 0.9999
     assert "int8" not in minilm_version.graphs()  # its int8 graphs miss the gates: see its model.toml
-    encoder = OnnxEncoder(minilm_version.graphs(), minilm_version.dim, OnnxBackendConfig())
+    encoder = open_encoder(minilm_version, BackendKind.ONNX, BackendConfig())
     assert encoder.info.precision == "fp32" and "no int8 graph" in encoder.info.detail
 
 
@@ -87,7 +99,9 @@ def test_swapping_models_under_32_clients_fails_no_request(server, default_versi
                     failures.append(f"{exc.code().name}: {exc.details()}")
                 continue
             with lock:
-                results.append((response.model, response.model_version, text, np.array(response.embeddings[0].values, np.float32)))
+                results.append(
+                    (response.model, response.model_version, text, np.array(response.embeddings[0].values, np.float32))
+                )
 
     threads = [threading.Thread(target=client, args=(w,)) for w in range(32)]
     for thread in threads:
@@ -217,13 +231,20 @@ def test_loading_a_new_version_drains_and_unloads_the_old_one(default_version, m
         stop.set()
         for thread in threads:
             thread.join(60)
-        print(f"\nversion swap under 16 clients: {len(versions)} requests ({versions.count('v1')} v1, {versions.count('v2')} v2), {len(failures)} failed")
+        print(
+            f"\nversion swap under 16 clients: {len(versions)} requests ({versions.count('v1')} v1, {versions.count('v2')} v2), {len(failures)} failed"
+        )
         assert failures == []
         assert versions[0] == "v1" and versions[-1] == "v2"
         assert versions.index("v2") > versions.index("v1")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # v1 drains, then unloads
-            states = {v.version: v.state for m in admin.ListModels(mpb.ListModelsRequest(), timeout=30).models if m.name == MINILM for v in m.versions}
+            states = {
+                v.version: v.state
+                for m in admin.ListModels(mpb.ListModelsRequest(), timeout=30).models
+                if m.name == MINILM
+                for v in m.versions
+            }
             if states.get("v1") == "built":
                 break
             time.sleep(0.1)
@@ -250,7 +271,12 @@ def test_a_restart_after_a_rebuild_keeps_collections_on_their_version(default_ve
         with grpc.insecure_channel(first.address) as channel:
             index = ipb_grpc.IndexServiceStub(channel)
             index.CreateCollection(ipb.CreateCollectionRequest(name="anglais", model=MINILM), timeout=30)
-            index.Upsert(ipb.UpsertRequest(collection="anglais", documents=[ipb.Document(id="b", text="baker"), ipb.Document(id="p", text="plumber")]), timeout=30)
+            index.Upsert(
+                ipb.UpsertRequest(
+                    collection="anglais", documents=[ipb.Document(id="b", text="baker"), ipb.Document(id="p", text="plumber")]
+                ),
+                timeout=30,
+            )
     finally:
         first.stop()
     link_version(minilm_version.folder, repo / MINILM / "v2", "2026-02-01T00:00:00+00:00")  # a rebuild
@@ -261,7 +287,12 @@ def test_a_restart_after_a_rebuild_keeps_collections_on_their_version(default_ve
             hits = index.Search(ipb.SearchRequest(collection="anglais", text="bread and pastry", k=1), timeout=30).hits
             assert hits[0].id == "b"
             admin = mpb_grpc.ModelServiceStub(channel)
-            states = {v.version: v.state for m in admin.ListModels(mpb.ListModelsRequest(), timeout=30).models if m.name == MINILM for v in m.versions}
+            states = {
+                v.version: v.state
+                for m in admin.ListModels(mpb.ListModelsRequest(), timeout=30).models
+                if m.name == MINILM
+                for v in m.versions
+            }
             assert states == {"v1": "serving", "v2": "current"}
     finally:
         second.stop()

@@ -2,6 +2,7 @@
 
 Two servers for the whole module: one with TLS + tokens + small limits, one with mTLS.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +20,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import DEFAULT_MODEL, ServerThread, expect, make_config
 
+from openemploi.cli import main
+from openemploi.config import SecurityConfig
+from openemploi.logs import JsonFormatter
+from openemploi.security import MISSING_TOKEN, append_token
 from openemploi.v1 import embedding_pb2 as pb
 from openemploi.v1 import embedding_pb2_grpc as pb_grpc
 from openemploi.v1 import index_pb2 as ipb
@@ -28,12 +34,6 @@ from openemploi.v1 import match_pb2 as mpb
 from openemploi.v1 import match_pb2_grpc as mpb_grpc
 from openemploi.v1 import models_pb2 as mopb
 from openemploi.v1 import models_pb2_grpc as mopb_grpc
-from server.cli import main
-from server.config import SecurityConfig
-from server.logs import JsonFormatter
-from server.security import MISSING_TOKEN, append_token
-
-from harness import DEFAULT_MODEL, ServerThread, expect, make_config
 
 SECRET_TEXT = "Texte confidentiel de Mme Dupont : licenciée pour inaptitude le 3 mars"
 LIMITS = dict(max_k=50, max_stream_requests=3, max_upsert_documents=2)
@@ -54,7 +54,7 @@ def issue(common_name: str, issuer: Pem | None = None, *, ca: bool = False, clie
     """A P-256 certificate: self-signed when `issuer` is None; SAN localhost + 127.0.0.1 for servers."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -112,7 +112,10 @@ def tokens(tmp_path_factory):
     made = {
         name: append_token(path, name, scopes)
         for name, scopes in {
-            "svc-embed": ["embed"], "svc-search": ["search"], "svc-ingest": ["ingest"], "ops": ["admin"],
+            "svc-embed": ["embed"],
+            "svc-search": ["search"],
+            "svc-ingest": ["ingest"],
+            "ops": ["admin"],
         }.items()
     }
     return path, made
@@ -151,8 +154,10 @@ def as_(tokens):
 @pytest.fixture(scope="module")
 def stubs(channel):
     return dataclasses.make_dataclass("Stubs", ["embed", "index", "match", "models"])(
-        pb_grpc.EmbeddingServiceStub(channel), ipb_grpc.IndexServiceStub(channel),
-        mpb_grpc.MatchServiceStub(channel), mopb_grpc.ModelServiceStub(channel),
+        pb_grpc.EmbeddingServiceStub(channel),
+        ipb_grpc.IndexServiceStub(channel),
+        mpb_grpc.MatchServiceStub(channel),
+        mopb_grpc.ModelServiceStub(channel),
     )
 
 
@@ -206,9 +211,12 @@ def test_wrong_or_malformed_token_is_unauthenticated(stubs, tokens):
     assert "unknown bearer token" in expect(
         lambda: stubs.embed.Embed(request, timeout=10, metadata=auth(real[:-1])), grpc.StatusCode.UNAUTHENTICATED
     )
-    assert expect(
-        lambda: stubs.embed.Embed(request, timeout=10, metadata=(("authorization", real),)), grpc.StatusCode.UNAUTHENTICATED
-    ) == MISSING_TOKEN
+    assert (
+        expect(
+            lambda: stubs.embed.Embed(request, timeout=10, metadata=(("authorization", real),)), grpc.StatusCode.UNAUTHENTICATED
+        )
+        == MISSING_TOKEN
+    )
 
 
 def test_denied_calls_return_the_request_id(stubs):
@@ -253,7 +261,9 @@ def test_under_scoped_tokens_are_denied_naming_the_scope(server, stubs, as_, off
     assert "scope 'admin'" in details
     assert "scope 'ingest'" in expect(
         lambda: stubs.index.Upsert(
-            ipb.UpsertRequest(collection=offers, documents=[ipb.Document(id="z", text="x")]), timeout=10, metadata=as_("svc-search")
+            ipb.UpsertRequest(collection=offers, documents=[ipb.Document(id="z", text="x")]),
+            timeout=10,
+            metadata=as_("svc-search"),
         ),
         grpc.StatusCode.PERMISSION_DENIED,
     )
@@ -267,20 +277,30 @@ def test_under_scoped_tokens_are_denied_naming_the_scope(server, stubs, as_, off
 def test_admin_can_call_every_scope(stubs, as_, offers):
     ops = as_("ops")
     assert stubs.embed.Embed(pb.EmbedRequest(texts=["Cariste"]), timeout=30, metadata=ops).dim == 384
-    assert list(stubs.embed.EmbedStream(iter([pb.EmbedRequest(texts=["Cariste"])]), timeout=30, metadata=ops))[0].code == 0
-    assert stubs.index.Search(ipb.SearchRequest(collection=offers, text="entrepôt", k=1), timeout=30, metadata=ops).hits[0].id == "o2"
-    assert {c.name for c in stubs.index.ListCollections(ipb.ListCollectionsRequest(), timeout=30, metadata=ops).collections} >= {offers}
+    assert next(iter(stubs.embed.EmbedStream(iter([pb.EmbedRequest(texts=["Cariste"])]), timeout=30, metadata=ops))).code == 0
+    assert (
+        stubs.index.Search(ipb.SearchRequest(collection=offers, text="entrepôt", k=1), timeout=30, metadata=ops).hits[0].id
+        == "o2"
+    )
+    assert {c.name for c in stubs.index.ListCollections(ipb.ListCollectionsRequest(), timeout=30, metadata=ops).collections} >= {
+        offers
+    }
     assert len(stubs.index.Get(ipb.GetRequest(collection=offers, ids=["o1"]), timeout=30, metadata=ops).documents) == 1
     profile = mpb.MatchProfileRequest(collection=offers, text="je conduis des chariots", skills=["CACES R489"], k=1)
     assert stubs.match.MatchProfile(profile, timeout=30, metadata=ops).matches[0].id == "o2"
     assert stubs.models.ListModels(mopb.ListModelsRequest(), timeout=30, metadata=ops).default_model == DEFAULT_MODEL
     stubs.index.CreateCollection(ipb.CreateCollectionRequest(name="jetable"), timeout=30, metadata=ops)
-    stubs.index.Upsert(ipb.UpsertRequest(collection="jetable", documents=[ipb.Document(id="a", text="Maçon")]), timeout=30, metadata=ops)
+    stubs.index.Upsert(
+        ipb.UpsertRequest(collection="jetable", documents=[ipb.Document(id="a", text="Maçon")]), timeout=30, metadata=ops
+    )
     assert stubs.index.Delete(ipb.DeleteRequest(collection="jetable", ids=["a"]), timeout=30, metadata=ops).deleted == 1
     assert stubs.index.DropCollection(ipb.DropCollectionRequest(name="jetable"), timeout=30, metadata=ops).dropped
     stubs.models.SetDefault(mopb.SetDefaultRequest(name=DEFAULT_MODEL), timeout=30, metadata=ops)
     # past the interceptor: the servicer's own answer, not PERMISSION_DENIED
-    expect(lambda: stubs.models.LoadModel(mopb.LoadModelRequest(name="no-such-model"), timeout=30, metadata=ops), grpc.StatusCode.NOT_FOUND)
+    expect(
+        lambda: stubs.models.LoadModel(mopb.LoadModelRequest(name="no-such-model"), timeout=30, metadata=ops),
+        grpc.StatusCode.NOT_FOUND,
+    )
 
 
 # --------------------------------------------------------------------------- TLS and the CLI
@@ -288,7 +308,10 @@ def test_admin_can_call_every_scope(stubs, as_, offers):
 
 def test_a_plaintext_client_cannot_talk_to_a_tls_server(server):
     with grpc.insecure_channel(server.address) as plain:
-        expect(lambda: health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=5), grpc.StatusCode.UNAVAILABLE)
+        expect(
+            lambda: health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=5),
+            grpc.StatusCode.UNAVAILABLE,
+        )
 
 
 def test_cli_health_and_embed_work_against_the_secured_server(server, pki, tokens, capsys, monkeypatch):
@@ -334,7 +357,7 @@ def test_cli_health_with_a_client_certificate(mtls_server, pki, capsys):
     files = {k: str(v) for k, v in pki["files"].items()}
     base = ["health", "--address", mtls_server.address, "--tls-ca", files["server_ca"]]
     assert main(base) == 1
-    assert main(base + ["--tls-cert", files["client_cert"], "--tls-key", files["client_key"]]) == 0
+    assert main([*base, "--tls-cert", files["client_cert"], "--tls-key", files["client_key"]]) == 0
     assert capsys.readouterr().out.strip() == "SERVING"
 
 
@@ -344,11 +367,16 @@ def test_cli_health_with_a_client_certificate(mtls_server, pki, capsys):
 def test_k_over_limits_max_k_is_invalid_argument(stubs, as_, offers):
     for call in (
         lambda: stubs.index.Search(ipb.SearchRequest(collection=offers, text="pain", k=51), timeout=10, metadata=as_("ops")),
-        lambda: stubs.match.MatchProfile(mpb.MatchProfileRequest(collection=offers, text="pain", k=51), timeout=10, metadata=as_("ops")),
+        lambda: stubs.match.MatchProfile(
+            mpb.MatchProfileRequest(collection=offers, text="pain", k=51), timeout=10, metadata=as_("ops")
+        ),
     ):
         details = expect(call, grpc.StatusCode.INVALID_ARGUMENT)
         assert "between 1 and 50" in details and "limits.max_k" in details
-    assert len(stubs.index.Search(ipb.SearchRequest(collection=offers, text="pain", k=50), timeout=30, metadata=as_("ops")).hits) == 2
+    assert (
+        len(stubs.index.Search(ipb.SearchRequest(collection=offers, text="pain", k=50), timeout=30, metadata=as_("ops")).hits)
+        == 2
+    )
 
 
 def test_a_stream_over_limits_max_stream_requests_answers_then_ends(stubs, as_):
@@ -383,7 +411,9 @@ def test_texts_chars_and_message_size_limits_name_their_key(server, stubs, as_, 
     for call in (
         lambda: stubs.embed.Embed(pb.EmbedRequest(texts=["ok", long_text]), timeout=10, metadata=ops),
         lambda: stubs.index.Search(ipb.SearchRequest(collection=offers, text=long_text, k=1), timeout=10, metadata=ops),
-        lambda: stubs.index.Upsert(ipb.UpsertRequest(collection=offers, documents=[ipb.Document(id="l", text=long_text)]), timeout=10, metadata=ops),
+        lambda: stubs.index.Upsert(
+            ipb.UpsertRequest(collection=offers, documents=[ipb.Document(id="l", text=long_text)]), timeout=10, metadata=ops
+        ),
     ):
         assert "limits.max_text_chars" in expect(call, grpc.StatusCode.INVALID_ARGUMENT)
     chunk = "x" * 4000
@@ -400,10 +430,18 @@ def test_info_logs_never_hold_a_token_or_a_request_text(server, stubs, tokens, a
         stubs.embed.Embed(pb.EmbedRequest(texts=[SECRET_TEXT]), timeout=30, metadata=as_("svc-embed"))
         list(stubs.embed.EmbedStream(iter([pb.EmbedRequest(texts=[SECRET_TEXT])]), timeout=30, metadata=as_("svc-embed")))
         stubs.index.Search(ipb.SearchRequest(collection=offers, text=SECRET_TEXT, k=1), timeout=30, metadata=as_("svc-search"))
-        stubs.index.Upsert(ipb.UpsertRequest(collection=offers, documents=[ipb.Document(id="s", text=SECRET_TEXT)]), timeout=30, metadata=as_("ops"))
+        stubs.index.Upsert(
+            ipb.UpsertRequest(collection=offers, documents=[ipb.Document(id="s", text=SECRET_TEXT)]),
+            timeout=30,
+            metadata=as_("ops"),
+        )
         for call in (
-            lambda: stubs.index.Search(ipb.SearchRequest(collection=offers, text=SECRET_TEXT, k=1), timeout=10, metadata=as_("svc-embed")),
-            lambda: stubs.embed.Embed(pb.EmbedRequest(texts=[SECRET_TEXT]), timeout=10, metadata=auth("guessed-" + tokens[1]["ops"])),
+            lambda: stubs.index.Search(
+                ipb.SearchRequest(collection=offers, text=SECRET_TEXT, k=1), timeout=10, metadata=as_("svc-embed")
+            ),
+            lambda: stubs.embed.Embed(
+                pb.EmbedRequest(texts=[SECRET_TEXT]), timeout=10, metadata=auth("guessed-" + tokens[1]["ops"])
+            ),
             lambda: stubs.embed.Embed(pb.EmbedRequest(texts=[SECRET_TEXT], model="nope"), timeout=10, metadata=as_("ops")),
         ):
             with pytest.raises(grpc.RpcError):
@@ -413,7 +451,7 @@ def test_info_logs_never_hold_a_token_or_a_request_text(server, stubs, tokens, a
     refusals = [json.loads(line) for line in lines if "refused" in line]
     assert any(r.get("caller") == "svc-embed" and r["level"] == "warning" for r in refusals), lines
     text = "\n".join(lines)
-    for secret in list(tokens[1].values()) + [SECRET_TEXT, SECRET_TEXT[:20]]:
+    for secret in [*list(tokens[1].values()), SECRET_TEXT, SECRET_TEXT[:20]]:
         assert secret not in text
     debug = "\n".join(formatter.format(r) for r in caplog.records)
     assert all(token not in debug for token in tokens[1].values())

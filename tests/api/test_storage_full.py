@@ -1,20 +1,19 @@
 """A full disk under the real server: refused writes are RESOURCE_EXHAUSTED, nothing acknowledged is lost.
 
-The procedure and its checks live in benchmarks/chaos.py (ChaosRun.disk_full_cycle, also a row of
+The procedure and its checks live in openemploi.testing.disk_faults (disk_full_cycle, also a row of
 `make chaos`): the server subprocess's RLIMIT_FSIZE is lowered with prlimit until its collection's
 files cannot grow, upserts run until refused, the limit is lifted (space freed) and upserts resume,
 then a shutdown snapshot fails against a low limit and the restarted server replays the store.
 """
+
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT / "benchmarks") not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+from harness import REPO_ROOT
 
-import chaos
+from openemploi.testing.disk_faults import disk_full_cycle
+from openemploi.testing.faults import ChaosRun
 
 
 def log(message: str) -> None:
@@ -22,11 +21,11 @@ def log(message: str) -> None:
 
 
 def test_a_full_disk_refuses_writes_with_resource_exhausted_and_loses_nothing(default_version, tmp_path):
-    run = chaos.ChaosRun(tmp_path / "chaos", seed=7, log=log)
+    run = ChaosRun(tmp_path / "chaos", REPO_ROOT / "models", seed=7, log=log)
     try:
         run.setup()
         run.fill(10)  # 200 documents in the collection before the disk fills
-        report = run.disk_full_cycle(refusals=3, resumed_requests=3)
+        report = disk_full_cycle(run, refusals=3, resumed_requests=3)
         assert report.survived, report.describe()
         assert len(report.refusals) == 3, report.describe()
         for refusal in report.refusals:

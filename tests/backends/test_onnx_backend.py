@@ -1,15 +1,21 @@
 """server/backends/onnx.py on the built default model (CPU-only machine)."""
+
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from server.backends.onnx import BackendUnavailable, OnnxBackendConfig, OnnxEncoder
-from server.modelrepo.fidelity import pad_batch
-from server.tokenize import TextKind, TextTokenizer, TokenizerConfig
+from openemploi.backends.base import BackendKind, ExecutionProvider, Precision
+from openemploi.backends.onnx import OnnxEncoder
+from openemploi.backends.options import BackendConfig
+from openemploi.backends.select import Capabilities, open_encoder
+from openemploi.padding import pad_sequences
+from openemploi.tokenize import TextKind, TextTokenizer, TokenizerConfig
 
-HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+HAS_CUDA = ExecutionProvider.CUDA in ort.get_available_providers()
 cpu_only = pytest.mark.skipif(HAS_CUDA, reason="this test describes a machine without the CUDA provider")
 
 SHORT = "Boulanger / Boulangère"
@@ -21,6 +27,16 @@ TEXTS = [
 ]
 
 
+def open_onnx(version, config: BackendConfig, graphs=None) -> OnnxEncoder:
+    """The onnx backend as the server opens it, optionally with only some of the version's graphs."""
+    caps = Capabilities.probe(version, config)
+    if graphs is not None:
+        caps = dataclasses.replace(caps, graphs={Precision(p): path for p, path in caps.graphs.items() if p in graphs})
+    encoder = open_encoder(version, BackendKind.ONNX, config, caps=caps)
+    assert isinstance(encoder, OnnxEncoder)
+    return encoder
+
+
 @pytest.fixture(scope="module")
 def tokenizer(default_version) -> TextTokenizer:
     v = default_version
@@ -29,20 +45,20 @@ def tokenizer(default_version) -> TextTokenizer:
 
 @pytest.fixture(scope="module")
 def encoder(default_version) -> OnnxEncoder:
-    enc = OnnxEncoder(default_version.graphs(), default_version.dim, OnnxBackendConfig())
+    enc = open_onnx(default_version, BackendConfig())
     yield enc
     enc.close()
 
 
 @pytest.fixture(scope="module")
 def fp32_encoder(default_version) -> OnnxEncoder:
-    enc = OnnxEncoder(default_version.graphs(), default_version.dim, OnnxBackendConfig(cpu_precision="fp32"))
+    enc = open_onnx(default_version, BackendConfig(cpu_precision="fp32"))
     yield enc
     enc.close()
 
 
 def batch(tokenizer, texts, kind=TextKind.PASSAGE):
-    return pad_batch(tokenizer.encode(texts, kind), tokenizer.pad_id)
+    return pad_sequences([t.ids for t in tokenizer.encode(texts, kind)], tokenizer.pad_id)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -51,60 +67,36 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=-1)
 
 
-# --------------------------------------------------------------------------- device / precision choice
+# --------------------------------------------------------------------------- what opens (the choice itself: test_select.py)
 
 
 @cpu_only
-def test_default_config_picks_cpu_int8_without_cuda(encoder):
+def test_default_config_opens_cpu_int8_without_cuda(encoder):
     info = encoder.info
     assert (info.backend, info.device, info.precision, info.dim) == ("onnx", "cpu", "int8", 384)
     assert "no cuda" in info.detail.lower()
 
 
 def test_device_cpu_is_reported_as_asked(default_version):
-    enc = OnnxEncoder(default_version.graphs(), default_version.dim, OnnxBackendConfig(device="cpu"))
+    enc = open_onnx(default_version, BackendConfig(device="cpu"))
     assert (enc.info.device, enc.info.precision) == ("cpu", "int8")
     assert "device=cpu" in enc.info.detail
 
 
-@cpu_only
-def test_device_cuda_without_provider_raises(default_version):
-    with pytest.raises(BackendUnavailable, match="(?i)cuda") as info:
-        OnnxEncoder(default_version.graphs(), default_version.dim, OnnxBackendConfig(device="cuda"))
-    assert "provider" in str(info.value)
-
-
-def test_device_cuda_without_fp16_graph_raises(default_version, monkeypatch):
-    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    graphs = {k: v for k, v in default_version.graphs().items() if k != "fp16"}
-    with pytest.raises(BackendUnavailable, match="fp16"):
-        OnnxEncoder(graphs, default_version.dim, OnnxBackendConfig(device="cuda"))
-
-
-def test_auto_with_cuda_provider_but_no_fp16_graph_falls_back_to_cpu(default_version, monkeypatch):
-    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    graphs = {k: v for k, v in default_version.graphs().items() if k != "fp16"}
-    enc = OnnxEncoder(graphs, default_version.dim, OnnxBackendConfig(device="auto"))
-    assert (enc.info.device, enc.info.precision) == ("cpu", "int8")
-    assert "fp16" in enc.info.detail
-
-
-def test_missing_cpu_precision_graph_raises_naming_what_exists(default_version):
-    graphs = {"fp32": default_version.graphs()["fp32"]}
-    with pytest.raises(BackendUnavailable, match=r"int8.*fp32"):
-        OnnxEncoder(graphs, default_version.dim, OnnxBackendConfig(device="cpu", cpu_precision="int8"))
-
-
 def test_auto_precision_falls_back_to_fp32_when_no_int8_graph_was_built(default_version):
-    graphs = {"fp32": default_version.graphs()["fp32"]}
-    encoder = OnnxEncoder(graphs, default_version.dim, OnnxBackendConfig(device="cpu"))
+    encoder = open_onnx(default_version, BackendConfig(device="cpu"), graphs={"fp32"})
     assert encoder.info.precision == "fp32" and "no int8 graph" in encoder.info.detail
 
 
-def test_unknown_device_is_rejected(default_version):
+def test_cpu_length_buckets_are_told_after_the_reason(default_version):
+    encoder = open_onnx(default_version, BackendConfig(device="cpu", cpu_length_buckets=True))
+    assert encoder.info.detail == "backend = onnx, device=cpu asked; length buckets [16, 32, 64, 128, 256, 512]"
+
+
+def test_unknown_device_is_rejected():
     """'gpu' (a typo for cuda) must fail loudly, not silently serve on the CPU."""
-    with pytest.raises((BackendUnavailable, ValueError), match="device"):
-        OnnxEncoder(default_version.graphs(), default_version.dim, OnnxBackendConfig(device="gpu"))
+    with pytest.raises(ValueError, match="device"):
+        BackendConfig(device="gpu")
 
 
 # --------------------------------------------------------------------------- outputs

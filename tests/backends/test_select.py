@@ -1,5 +1,6 @@
 """server/backends/select.py: which backend `auto` picks, from injected machine capabilities,
 and the real encoders it opens on this (CPU-only) machine."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,18 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.backends.onnx import BackendUnavailable, OnnxEncoder
-from server.backends.options import BackendConfig
-from server.backends.select import Capabilities, Choice, open_encoder, plan
+from openemploi.backends.base import BackendKind, BackendUnavailable, Choice, Device, ExecutionProvider, Precision
+from openemploi.backends.onnx import OnnxEncoder
+from openemploi.backends.options import BackendConfig
+from openemploi.backends.select import Capabilities, open_encoder, plan
 
-CUDA_ORT = ("CUDAExecutionProvider", "CPUExecutionProvider")
-CPU_ORT = ("CPUExecutionProvider",)
-ALL_GRAPHS = frozenset({"fp32", "int8", "fp16"})
+CUDA_ORT = (ExecutionProvider.CUDA, ExecutionProvider.CPU)
+CPU_ORT = (ExecutionProvider.CPU,)
+ALL_GRAPHS = (Precision.FP32, Precision.INT8, Precision.FP16)
+CHECKPOINT = Path("hf")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def caps(has_cuda=True, providers=CUDA_ORT, graphs=ALL_GRAPHS, torch=True, checkpoint=True) -> Capabilities:
-    return Capabilities(has_cuda, providers, frozenset(graphs), torch, checkpoint)
+def caps(has_cuda=True, providers=CUDA_ORT, graphs=ALL_GRAPHS, torch=True, checkpoint=True, max_tokens=512) -> Capabilities:
+    files = {Precision(p): Path(f"model.{p}.onnx") for p in graphs}
+    return Capabilities(has_cuda, tuple(providers), files, torch, CHECKPOINT if checkpoint else None, max_tokens)
 
 
 def first(requested="auto", config: BackendConfig | None = None, **kwargs) -> Choice:
@@ -34,7 +38,9 @@ def first(requested="auto", config: BackendConfig | None = None, **kwargs) -> Ch
 def test_auto_gpu_with_ort_cuda_and_fp16_graph_is_onnx_fp16_then_torch_as_fallback():
     choices = plan("auto", BackendConfig(), caps())
     assert [(c.backend, c.device, c.precision) for c in choices] == [
-        ("onnx", "cuda", "fp16"), ("torch", "cuda", "fp16"), ("onnx", "cpu", "auto"),
+        ("onnx", "cuda", "fp16"),
+        ("torch", "cuda", "fp16"),
+        ("onnx", "cpu", "int8"),
     ]
     assert "onnxruntime CUDA provider" in choices[0].reason
 
@@ -52,9 +58,15 @@ def test_auto_gpu_without_fp16_graph_is_torch():
 
 def test_auto_cpu_is_onnx_int8_or_what_cpu_precision_says():
     choice = first(has_cuda=False, providers=CPU_ORT)
-    assert (choice.backend, choice.device, choice.precision) == ("onnx", "cpu", "auto")
+    assert (choice.backend, choice.device, choice.precision) == ("onnx", "cpu", "int8")
     assert "no CUDA device" in choice.reason
     assert first(has_cuda=False, config=BackendConfig(cpu_precision="fp32")).precision == "fp32"
+
+
+def test_auto_cpu_precision_is_fp32_without_an_int8_graph_and_says_so():
+    choice = first(has_cuda=False, graphs={"fp32"})
+    assert choice.precision == "fp32" and choice.model_path == Path("model.fp32.onnx")
+    assert choice.notes == ("no int8 graph built for this model",)
 
 
 def test_device_cpu_wins_over_a_visible_gpu():
@@ -93,6 +105,45 @@ def test_tensorrt_is_named_when_asked_and_present():
     assert "TensorRT" not in first(providers=CUDA_ORT, config=BackendConfig(tensorrt=True)).reason
 
 
+def test_tensorrt_goes_first_and_reads_the_fp32_graph():
+    """TensorRT picks its own fp16 kernels from the fp32 graph; the CUDA provider stays behind it."""
+    providers = (ExecutionProvider.TENSORRT, *CUDA_ORT)
+    choice = first(providers=providers, config=BackendConfig(tensorrt=True))
+    assert choice.providers == (ExecutionProvider.TENSORRT, *CUDA_ORT)
+    assert (choice.precision, choice.model_path) == ("fp16", Path("model.fp32.onnx"))
+    assert first(providers=providers).providers == CUDA_ORT  # present but not asked
+
+
+# --------------------------------------------------------------------------- what a choice carries
+
+
+def test_onnx_cuda_choice_opens_the_fp16_graph_with_io_binding_and_length_buckets():
+    choice = first(max_tokens=200)
+    assert (choice.model_path, choice.providers, choice.io_binding) == (Path("model.fp16.onnx"), CUDA_ORT, True)
+    assert choice.length_buckets == (16, 32, 64, 128, 200)
+
+
+def test_onnx_cpu_choice_buckets_only_when_asked():
+    assert first(has_cuda=False).length_buckets == ()
+    bucketed = first(has_cuda=False, config=BackendConfig(cpu_length_buckets=True, length_buckets=(32, 64)))
+    assert bucketed.length_buckets == (32, 64, 512) and bucketed.providers == CPU_ORT and not bucketed.io_binding
+
+
+def test_torch_choice_opens_the_checkpoint_with_cuda_graphs_only_on_cuda():
+    config = BackendConfig(cuda_graphs=True, torch_dtype="bf16")
+    gpu = first("torch", config=config)
+    assert (gpu.model_path, gpu.precision, gpu.cuda_graphs) == (CHECKPOINT, "bf16", True)
+    cpu = first("torch", config=config, has_cuda=False)
+    assert (cpu.precision, cpu.cuda_graphs, cpu.length_buckets) == ("fp32", False, ())
+
+
+def test_a_choice_is_never_auto():
+    with pytest.raises(ValueError, match="auto"):
+        Choice(BackendKind.ONNX, Device.AUTO, Precision.INT8, Path("model.int8.onnx"), "test")
+    with pytest.raises(ValueError, match="auto"):
+        Choice(BackendKind.ONNX, Device.CPU, Precision.AUTO, Path("model.int8.onnx"), "test")
+
+
 # --------------------------------------------------------------------------- explicit backends
 
 
@@ -108,6 +159,23 @@ def test_explicit_torch_needs_torch_and_a_checkpoint():
 def test_explicit_onnx_never_picks_torch():
     assert [c.backend for c in plan("onnx", BackendConfig(), caps(providers=CPU_ORT))] == ["onnx"]
     assert first("onnx").device == "cuda" and first("onnx", has_cuda=False).device == "cpu"
+
+
+def test_explicit_onnx_with_cuda_provider_but_no_fp16_graph_serves_on_the_cpu():
+    choice = first("onnx", graphs={"fp32", "int8"})
+    assert (choice.device, choice.precision) == ("cpu", "int8") and "fp16" in choice.reason
+
+
+def test_explicit_onnx_on_device_cuda_says_which_of_provider_or_graph_is_missing():
+    with pytest.raises(BackendUnavailable, match="no CUDA provider"):
+        plan("onnx", BackendConfig(device="cuda"), caps(providers=CPU_ORT))
+    with pytest.raises(BackendUnavailable, match="fp16 graph"):
+        plan("onnx", BackendConfig(device="cuda"), caps(graphs={"fp32", "int8"}))
+
+
+def test_a_missing_cpu_precision_graph_is_named_with_what_exists():
+    with pytest.raises(BackendUnavailable, match=r"no int8 graph.*\['fp32'\]"):
+        plan("onnx", BackendConfig(device="cpu", cpu_precision="int8"), caps(graphs={"fp32"}))
 
 
 def test_unknown_backend_is_rejected():
@@ -138,11 +206,15 @@ def test_auto_on_this_cpu_machine_opens_onnx_int8(default_version):
     assert encoder.info.detail.startswith("auto: device=cpu asked")
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider")  # onnxruntime on the claimed CUDA provider
 def test_a_failing_gpu_candidate_falls_back_and_the_detail_says_why(default_version):
     """Claim a GPU with the ORT CUDA provider: the real onnxruntime here has none, so the onnx
     CUDA candidate fails to open, torch CUDA fails too, and the CPU int8 graph serves. The fp16
-    graph is claimed too: a CPU-only build has none, and without it onnx CUDA is no candidate."""
-    fake_gpu = Capabilities(True, CUDA_ORT, frozenset(default_version.graphs()) | {"fp16"}, True, True)
+    graph is claimed too (the fp32 file stands in): a CPU-only build has none, and without it
+    onnx CUDA is no candidate."""
+    found = Capabilities.probe(default_version, BackendConfig())
+    graphs = {**found.graphs, Precision.FP16: found.graphs[Precision.FP32]}
+    fake_gpu = dataclasses.replace(found, has_cuda=True, ort_providers=CUDA_ORT, graphs=graphs)
     encoder = open_encoder(default_version, "auto", BackendConfig(), caps=fake_gpu)
     assert (encoder.info.backend, encoder.info.device, encoder.info.precision) == ("onnx", "cpu", "int8")
     assert "skipped onnx cuda" in encoder.info.detail and "skipped torch cuda" in encoder.info.detail
@@ -164,10 +236,11 @@ def test_auto_without_graphs_serves_the_checkpoint_with_torch(default_version):
 
 
 def test_probe_on_this_machine_sees_no_cuda_and_the_built_files(default_version):
-    found = Capabilities.probe(default_version.graphs(), default_version.checkpoint_path, BackendConfig())
-    assert found.graphs == frozenset(default_version.graphs()) and found.has_checkpoint
+    found = Capabilities.probe(default_version, BackendConfig())
+    assert found.graphs == default_version.graphs() and found.checkpoint == default_version.checkpoint_path
+    assert found.max_tokens == default_version.max_tokens
     assert found.torch_available  # the build extra is installed here
-    if "CUDAExecutionProvider" not in found.ort_providers:
+    if ExecutionProvider.CUDA not in found.ort_providers:
         assert found.has_cuda is False
 
 
@@ -175,14 +248,16 @@ def test_without_torch_the_default_model_still_opens_on_onnx(default_version):
     """The `build` extra (torch, transformers) is optional for serving: block both and open."""
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-        "from server.backends.options import BackendConfig\n"
-        "from server.backends.select import Capabilities, open_encoder\n"
-        "from server.modelrepo.repository import ModelRepository\n"
+        "from openemploi.backends.options import BackendConfig\n"
+        "from openemploi.backends.select import Capabilities, open_encoder\n"
+        "from openemploi.runtime.repository import ModelRepository\n"
         f"v = ModelRepository({str(default_version.folder.parents[1])!r}).latest({default_version.name!r})\n"
-        "caps = Capabilities.probe(v.graphs(), v.checkpoint_path, BackendConfig())\n"
+        "caps = Capabilities.probe(v, BackendConfig())\n"
         "e = open_encoder(v, 'auto', BackendConfig())\n"
         "print(caps.torch_available, e.info.backend, e.info.device, 'torch' in sys.modules and sys.modules['torch'] is not None)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, "-P", "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300, check=False
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["False", "onnx", "cpu", "False"]

@@ -1,21 +1,32 @@
 """server/backends/torch_backend.py on the real default model, on the CPU (fp32): the same
 vectors as the ONNX fp32 graph, CLS pooling, and length buckets that change nothing."""
+
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 
-from server.backends.buckets import pad_to
-from server.backends.onnx import DeviceBinding, OnnxEncoder
-from server.backends.options import BackendConfig
-from server.backends.torch_backend import TorchEncoder
-from server.modelrepo.fidelity import Probe, pad_batch
-from server.tokenize import TextKind, TextTokenizer, TokenizerConfig
+from openemploi.backends.base import BackendKind, Choice, Device, Precision
+from openemploi.backends.onnx import DeviceBinding
+from openemploi.backends.options import BackendConfig
+from openemploi.backends.select import open_encoder
+from openemploi.backends.torch_backend import TorchEncoder
+from openemploi.build.fidelity import Probe
+from openemploi.padding import pad_sequences, widen
+from openemploi.tokenize import TextKind, TextTokenizer, TokenizerConfig
 
 pytest.importorskip("transformers")
 
-UNBUCKETED = BackendConfig(length_buckets=())
-BUCKETED_CPU = BackendConfig(cpu_length_buckets=True)
+UNBUCKETED = BackendConfig(device="cpu", length_buckets=())
+BUCKETED_CPU = BackendConfig(device="cpu", cpu_length_buckets=True)
+ONNX_FP32 = BackendConfig(device="cpu", cpu_precision="fp32")
+
+
+def cpu_choice(checkpoint) -> Choice:
+    """torch on the CPU for a bare checkpoint folder (no built version to plan from)."""
+    return Choice(BackendKind.TORCH, Device.CPU, Precision.FP32, checkpoint, "test: a bare checkpoint")
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -37,20 +48,19 @@ def batches(tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
     by_length = sorted(range(len(tokens)), key=lambda i: len(tokens[i].ids))
     picked = [by_length[i] for i in np.linspace(0, len(by_length) - 1, 48).round().astype(int)]
     np.random.default_rng(0).shuffle(picked)
-    return [pad_batch([tokens[i] for i in picked[s : s + 16]], tokenizer.pad_id) for s in range(0, 48, 16)]
+    return [pad_sequences([tokens[i].ids for i in picked[s : s + 16]], tokenizer.pad_id) for s in range(0, 48, 16)]
 
 
 @pytest.fixture(scope="module")
 def onnx_fp32(default_version):
-    encoder = OnnxEncoder(default_version.graphs(), default_version.dim, BackendConfig(device="cpu", cpu_precision="fp32"))
+    encoder = open_encoder(default_version, BackendKind.ONNX, ONNX_FP32)
     yield encoder
     encoder.close()
 
 
 @pytest.fixture(scope="module")
 def torch_encoder(default_version, tokenizer):
-    v = default_version
-    encoder = TorchEncoder(v.checkpoint_path, "mean", UNBUCKETED, max_tokens=v.max_tokens, pad_id=tokenizer.pad_id)
+    encoder = open_encoder(default_version, BackendKind.TORCH, UNBUCKETED, pad_id=tokenizer.pad_id)
     yield encoder
     encoder.close()
 
@@ -87,8 +97,7 @@ def test_torch_vector_does_not_depend_on_batch_neighbours(torch_encoder, batches
 
 
 def test_length_buckets_do_not_change_torch_vectors(default_version, tokenizer, torch_encoder, batches):
-    v = default_version
-    bucketed = TorchEncoder(v.checkpoint_path, "mean", BUCKETED_CPU, max_tokens=v.max_tokens, pad_id=tokenizer.pad_id)
+    bucketed = open_encoder(default_version, BackendKind.TORCH, BUCKETED_CPU, pad_id=tokenizer.pad_id)
     try:
         assert "length buckets" in bucketed.info.detail
         short = [(ids[:, :40], mask[:, :40]) for ids, mask in batches]  # widths 40 -> bucket 64: real padding
@@ -101,11 +110,8 @@ def test_length_buckets_do_not_change_torch_vectors(default_version, tokenizer, 
 
 
 def test_length_buckets_do_not_change_onnx_vectors(default_version, tokenizer, onnx_fp32, batches):
-    v = default_version
-    bucketed = OnnxEncoder(
-        v.graphs(), v.dim, BackendConfig(device="cpu", cpu_precision="fp32", cpu_length_buckets=True),
-        max_tokens=v.max_tokens, pad_id=tokenizer.pad_id,
-    )
+    config = dataclasses.replace(ONNX_FP32, cpu_length_buckets=True)
+    bucketed = open_encoder(default_version, BackendKind.ONNX, config, pad_id=tokenizer.pad_id)
     short = [(ids[:, :40], mask[:, :40]) for ids, mask in batches]
     plain, plain_pooled = run(onnx_fp32, short)
     padded, padded_pooled = run(bucketed, short)
@@ -117,14 +123,14 @@ def test_length_buckets_do_not_change_onnx_vectors(default_version, tokenizer, o
 
 def test_io_binding_gives_the_session_run_outputs_and_reuses_buffers(onnx_fp32, batches):
     """DeviceBinding is the CUDA path's runner; on "cpu" it runs here, on the same session."""
-    binding = DeviceBinding(onnx_fp32._session, "cpu", 0, max_shapes=2)
+    binding = DeviceBinding(onnx_fp32._session, Device.CPU, 0, max_shapes=2)
     ids, mask = batches[1]
     expected, expected_pooled = onnx_fp32.encode(ids, mask)
     for _ in range(2):  # the second call reuses the buffers of the first
         got, got_pooled = binding.run(ids, mask)
         np.testing.assert_allclose(got, expected, atol=1e-6)
         np.testing.assert_allclose(got_pooled, expected_pooled, atol=1e-5)
-    other_ids, other_mask = pad_to(ids[:3, :20], mask[:3, :20], 32)
+    other_ids, other_mask = widen(ids[:3, :20], mask[:3, :20], 32)
     got, _ = binding.run(other_ids, other_mask)
     np.testing.assert_allclose(got, onnx_fp32.encode(other_ids, other_mask)[0], atol=1e-6)
     assert len(binding._buffers) == 2  # bounded: the oldest shape's buffers went
@@ -152,16 +158,16 @@ def cls_checkpoint(model_repository, tmp_path_factory):
 def test_cls_pooling_matches_the_export_reference(cls_checkpoint):
     import torch
 
-    from server.modelrepo.export import load_torch_encoder
+    from openemploi.build.export import load_torch_encoder
 
-    encoder = TorchEncoder(cls_checkpoint, "cls", UNBUCKETED, max_tokens=128)
+    encoder = TorchEncoder(cpu_choice(cls_checkpoint), UNBUCKETED, pooling="cls")
     rng = np.random.default_rng(1)
     ids = rng.integers(5, 999, (4, 24), dtype=np.int64)  # valid ids in both vocabularies
     mask = np.ones_like(ids)
     mask[1, 10:] = 0
     mask[3, 3:] = 0
     normalized, pooled = encoder.encode(ids, mask)
-    mean_normalized, _ = TorchEncoder(cls_checkpoint, "mean", UNBUCKETED, max_tokens=128).encode(ids, mask)
+    mean_normalized, _ = TorchEncoder(cpu_choice(cls_checkpoint), UNBUCKETED).encode(ids, mask)
     reference = load_torch_encoder(cls_checkpoint, "cls")
     with torch.no_grad():
         ref_normalized, ref_pooled = (t.numpy() for t in reference(torch.from_numpy(ids), torch.from_numpy(mask)))

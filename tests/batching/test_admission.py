@@ -20,8 +20,8 @@ import grpc
 import numpy as np
 import pytest
 
-from server.api.errors import status_for
-from server.batching import (
+from openemploi.api.errors import status_for
+from openemploi.batching import (
     BatchCostModel,
     BatcherConfig,
     DeadlineExceededError,
@@ -29,8 +29,8 @@ from server.batching import (
     DynamicBatcher,
     OverloadedError,
     QueueFullError,
-    plan_batch,
 )
+from openemploi.batching.admission import AdmissionControl, QueuedWork, validate_sequences
 
 GUARD_S = 20.0
 OVERHEAD_S = 1.0  # simulated seconds: far above any real scheduling jitter
@@ -161,18 +161,77 @@ def test_work_estimate_counts_batches_and_padding() -> None:
     assert model.work_seconds(0, 0, 4, math.inf) == 0.0
 
 
+# --------------------------------------------------------------------------- the decision alone
+
+
+class FakeClock:
+    """The admission clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def learned(config: BatcherConfig, clock: FakeClock) -> AdmissionControl:
+    """Admission whose cost model has seen exact batches: 1 s per batch plus 0.125 s per padded token."""
+    admission = AdmissionControl(config, "batcher[sim]", clock)
+    for padded in (10, 30, 50):
+        admission.cost.observe(padded, 1.0 + 0.125 * padded, padded)
+    return admission
+
+
+def test_admission_before_any_batch_refuses_only_past_the_text_cap_or_deadline() -> None:
+    admission = AdmissionControl(BatcherConfig(max_queue_delay_ms=1.0, max_queue_texts=50), "batcher[sim]", FakeClock())
+    ahead = QueuedWork(texts=49, tokens=490)
+    assert admission.estimated_wait_s(ahead) is None
+    assert admission.token_budget() == 16384  # no latency cap before the cost is known
+    admission.check(1, 10, None, now=0.0, ahead=ahead)
+    with pytest.raises(QueueFullError, match="limit 50") as info:
+        admission.check(2, 20, None, now=0.0, ahead=ahead)
+    assert not isinstance(info.value, OverloadedError)
+    with pytest.raises(DeadlineExceededError, match=r"batcher\[sim\]: deadline already passed"):
+        admission.check(1, 10, deadline=5.0, now=5.0, ahead=QueuedWork(0, 0))
+
+
+def test_admission_caps_the_batch_and_refuses_past_the_delay_budget() -> None:
+    clock = FakeClock()
+    admission = learned(BatcherConfig(max_queue_delay_ms=11_010.0), clock)
+    assert admission.token_budget() == 80  # (11.01 s - 1 s) / 0.125 s per token
+    running = admission.start_batch(8)
+    assert running.started_at == 0.0 and running.estimate_s == pytest.approx(2.0)
+    # 8 texts of 10 tokens: one batch of 80 padded tokens = 11 s, behind 2 s of running batch
+    ahead = QueuedWork(texts=8, tokens=80, running=running)
+    assert admission.estimated_wait_s(ahead) == pytest.approx(13.0)
+    with pytest.raises(OverloadedError) as info:
+        admission.check(1, 10, None, now=0.0, ahead=ahead)
+    assert info.value.estimated_wait_s == pytest.approx(13.0) and info.value.limit_s == pytest.approx(11.01)
+    # 20 texts will run 3 batches = 3 + 200 * 0.125 = 28 s: it may wait that long
+    admission.check(20, 200, None, now=0.0, ahead=ahead)
+    clock.now = 4.0  # 4 s into a 2 s batch: queued work counts double
+    assert admission.estimated_wait_s(ahead) == pytest.approx(2 * 11.0)
+
+
+def test_admission_refuses_an_unmeetable_deadline_only_behind_other_work() -> None:
+    admission = learned(BatcherConfig(), FakeClock())
+    ahead = QueuedWork(texts=1, tokens=10, running=admission.start_batch(8))
+    # 2 s running + one batch of 2 texts (1 + 20 * 0.125 s) = 5.5 s
+    with pytest.raises(DeadlineUnmeetableError) as info:
+        admission.check(1, 10, deadline=105.0, now=100.0, ahead=ahead)
+    assert info.value.estimated_s == pytest.approx(5.5) and info.value.remaining_s == pytest.approx(5.0)
+    admission.check(1, 10, deadline=106.0, now=100.0, ahead=ahead)
+    # idle: the request starts at once, so an estimate alone never refuses it
+    admission.check(5, 50, deadline=101.0, now=100.0, ahead=QueuedWork(0, 0))
+
+
+def test_a_single_flat_array_is_refused_before_queueing() -> None:
+    with pytest.raises(ValueError, match="not one 1-D array"):
+        validate_sequences(np.arange(1, 4), max_batch_tokens=8)  # type: ignore[arg-type]  # the mistake under test
+    assert [s.dtype for s in validate_sequences([np.arange(1, 4, dtype=np.int32)], max_batch_tokens=8)] == [np.int64]
+
+
 # --------------------------------------------------------------------------- admission in the batcher
-
-
-def test_config_validates_admission_fields() -> None:
-    assert BatcherConfig().max_queue_delay_ms == 0.0  # off unless the operator sets a budget
-    assert BatcherConfig(max_length_ratio=math.inf).max_length_ratio == math.inf
-    for bad in ({"max_queue_delay_ms": -1.0}, {"max_queue_delay_ms": float("nan")}, {"max_queue_delay_ms": True}):
-        with pytest.raises(ValueError, match="max_queue_delay_ms"):
-            BatcherConfig(**bad)
-    for bad in ({"max_length_ratio": 0.5}, {"max_length_ratio": float("nan")}):
-        with pytest.raises(ValueError, match="max_length_ratio"):
-            BatcherConfig(**bad)
 
 
 def test_batches_are_timed_with_the_injected_clock_and_the_estimate_converges() -> None:
@@ -367,39 +426,6 @@ def test_under_a_flood_every_request_is_either_served_or_refused_as_overloaded()
                 served += 1
         assert refused > 0 and served > 0 and served + refused == 300
         assert batcher.queue_depth == 0 and batcher.in_flight == 0
-        await batcher.stop()
-
-    run(body())
-
-
-# --------------------------------------------------------------------------- length bands
-
-
-def test_plan_batch_keeps_long_texts_apart_from_short_ones() -> None:
-    lengths = [512] + [10] * 20 + [300, 200]
-    picks = plan_batch(lengths, 64, 100_000, max_length_ratio=2.0)
-    assert sorted(lengths[i] for i in picks) == [300, 512]
-    # short texts (<= 64 tokens) always batch together, whatever the ratio
-    assert len(plan_batch([60] + [5] * 10, 64, 100_000, max_length_ratio=2.0)) == 11
-    # without a ratio, the old behaviour: the long text pads everything it can
-    assert len(plan_batch(lengths, 64, 100_000)) == len(lengths)
-
-
-def test_batcher_does_not_pad_short_texts_to_a_long_one() -> None:
-    async def body() -> None:
-        backend = SimBackend()
-        backend.gate.clear()
-        batcher = make(backend, max_batch_size=64, lookahead=64)  # default ratio 2.0
-        await batcher.start()
-        first = asyncio.create_task(batcher.submit([text(5, 1)]))
-        await backend.wait_entered(1)
-        long = asyncio.create_task(batcher.submit([text(512, 2)]))
-        shorts = asyncio.create_task(batcher.submit([text(12, 3 + i) for i in range(20)]))
-        while batcher.queue_depth < 21:
-            await asyncio.sleep(0.001)
-        backend.gate.set()
-        await asyncio.gather(first, long, shorts)
-        assert backend.shapes[1:] == [(1, 512), (20, 12)]
         await batcher.stop()
 
     run(body())

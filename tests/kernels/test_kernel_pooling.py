@@ -1,4 +1,5 @@
 """Masked mean pooling + L2 normalisation: numba CPU against the numpy reference."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from kernels import (
+from openemploi.kernels import (
     mean_pool_normalize,
     mean_pool_normalize_numba,
     mean_pool_normalize_reference,

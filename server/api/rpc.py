@@ -1,0 +1,162 @@
+"""The one wrapper around every RPC: request id, deadline, failure -> status, registration.
+
+A servicer method is written as `body(self, request, call)` and decorated with
+`unary` or `stream`; it returns (or yields) responses, or raises. The wrapper
+answers a failure with `errors.status_for`, logs our own bugs with the request
+id, and sends the request id back in trailing metadata whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from types import MappingProxyType, ModuleType
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from .errors import Status, status_for
+from .validation import Unparsed, request_parser, require_parsed
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_KEY = "x-request-id"
+MAX_REQUEST_ID_CHARS = 128  # a caller's id is echoed in metadata and logs: keep it bounded
+
+Request = TypeVar("Request", bound=Message)
+Response = TypeVar("Response", bound=Message)
+Metadata = tuple[tuple[str, str], ...]
+
+
+@dataclass
+class Call:
+    """One RPC as its body sees it: who asked, by when the caller gives up, extra trailers on success."""
+
+    method: str
+    request_id: str
+    deadline: float | None  # on the time.monotonic() clock; None: the caller set no deadline
+    extra_trailing_metadata: list[tuple[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def begin(cls, method: str, context: grpc.aio.ServicerContext) -> Call:
+        return cls(method, request_id(context), deadline_of(context))
+
+    def request_id_metadata(self) -> Metadata:
+        return ((REQUEST_ID_KEY, self.request_id),)
+
+    def status_of(self, exc: Exception, what: str | None = None) -> Status:
+        """The caller's status for `exc`; an INTERNAL one is our bug, so it is logged with the request id."""
+        status = status_for(exc)
+        if status.code == grpc.StatusCode.INTERNAL:
+            log.error("%s failed", what or self.method, exc_info=exc, extra={"request_id": self.request_id})
+        return status
+
+
+def request_id(context: grpc.aio.ServicerContext) -> str:
+    """The caller's `x-request-id`, so its logs and ours join up; a fresh one when it sent none."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and value:
+            return str(value)[:MAX_REQUEST_ID_CHARS]
+    return uuid.uuid4().hex
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's deadline on the monotonic clock, so batching can refuse work that would come too late."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+async def fail(context: grpc.aio.ServicerContext, call: Call, status: Status) -> NoReturn:
+    """End the call with `status`; raises, as context.abort does.
+
+    Called outside the `except` block that caught the failure: gRPC keeps the abort's exception
+    alive, and chained to ours it would keep the failure's frames (a failed LoadModel's
+    half-built model) alive too.
+    """
+    context.set_trailing_metadata(call.request_id_metadata())
+    await context.abort(status.code, status.message)
+    raise AssertionError("grpc's context.abort returned instead of raising")
+
+
+UnaryBody = Callable[[Any, Request, Call], Awaitable[Response]]
+UnaryHandler = Callable[[Any, Request | Unparsed, grpc.aio.ServicerContext], Awaitable[Response]]
+
+
+def unary(body: UnaryBody) -> UnaryHandler:
+    """Make `body(self, request, call)` a unary gRPC method; requests that did not parse never reach it."""
+
+    @functools.wraps(body)
+    async def handler(self: Any, request: Request | Unparsed, context: grpc.aio.ServicerContext) -> Response:
+        call = Call.begin(body.__name__, context)
+        try:
+            require_parsed(request)
+            response = await body(self, request, call)
+        except Exception as exc:
+            status = call.status_of(exc)
+        else:
+            context.set_trailing_metadata(call.request_id_metadata() + tuple(call.extra_trailing_metadata))
+            return response
+        await fail(context, call, status)
+
+    return handler
+
+
+StreamBody = Callable[[Any, AsyncIterator[Request | Unparsed], Call], AsyncGenerator[Response, None]]
+StreamHandler = Callable[[Any, AsyncIterator[Request | Unparsed], grpc.aio.ServicerContext], AsyncIterator[Response]]
+
+
+def stream(body: StreamBody) -> StreamHandler:
+    """Make the async generator `body(self, requests, call)` a bidirectional-streaming gRPC method.
+
+    Requests that did not parse reach the body as `validation.Unparsed`, so it can answer them one by one.
+    """
+
+    @functools.wraps(body)
+    async def handler(
+        self: Any, requests: AsyncIterator[Request | Unparsed], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Response]:
+        call = Call.begin(body.__name__, context)
+        try:
+            async with aclosing(body(self, requests, call)) as responses:  # closed, not left to GC, if the caller leaves
+                async for response in responses:
+                    yield response
+        except Exception as exc:
+            status = call.status_of(exc)
+        else:
+            context.set_trailing_metadata(call.request_id_metadata() + tuple(call.extra_trailing_metadata))
+            return
+        await fail(context, call, status)
+
+    return handler
+
+
+_HANDLER_FACTORIES = MappingProxyType(
+    {  # (client streams, server streams) -> grpc handler factory
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+)
+
+
+def register_service(
+    servicer: object, server: grpc.aio.Server, pb_module: ModuleType, service: str, strings: str = "strings"
+) -> None:
+    """Register every method of `service` with parsers that never raise; `strings` names what must be UTF-8."""
+    descriptor = pb_module.DESCRIPTOR.services_by_name[service]
+    handlers = {
+        method.name: _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)](
+            getattr(servicer, method.name),
+            request_deserializer=request_parser(getattr(pb_module, method.input_type.name), strings),
+            response_serializer=getattr(pb_module, method.output_type.name).SerializeToString,
+        )
+        for method in descriptor.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))

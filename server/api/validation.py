@@ -1,0 +1,159 @@
+"""Request checks every servicer shares, so one mistake gets one message whichever RPC it reaches.
+
+Every refusal is INVALID_ARGUMENT and names the offending field; a refusal for a
+limit also names the config key that sets it, so an operator knows what to raise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from google.protobuf.message import Message
+
+from openemploi.v1 import index_pb2
+
+from ..config import LimitsConfig
+from .errors import invalid
+
+Filters = tuple[tuple[str, tuple[str, ...]], ...]
+Parsed = TypeVar("Parsed", bound=Message)
+
+
+# -- bytes that did not parse ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Unparsed:
+    """Stands in for a request whose bytes did not parse (e.g. invalid UTF-8), so the RPC can refuse it."""
+
+    reason: str
+
+
+def request_parser(message_type: type[Message], strings: str) -> Callable[[bytes], Message | Unparsed]:
+    """Parse requests ourselves: gRPC would answer a parse error with INTERNAL, the caller's mistake is INVALID_ARGUMENT.
+
+    `strings` names the fields that must be valid UTF-8, for the refusal.
+    """
+
+    def parse(data: bytes) -> Message | Unparsed:
+        try:
+            return message_type.FromString(data)
+        except Exception as exc:  # protobuf raises DecodeError (invalid UTF-8, truncated field...)
+            return Unparsed(f"request could not be parsed ({exc}); {strings} must be valid UTF-8")
+
+    return parse
+
+
+def require_parsed(request: Parsed | Unparsed) -> Parsed:
+    if isinstance(request, Unparsed):
+        raise invalid(request.reason)
+    return request
+
+
+# -- limits --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A bound a request must stay within, and the config keys behind it, quoted in the refusal."""
+
+    value: int
+    keys: str
+
+
+def search_k(limits: LimitsConfig) -> Limit:
+    return Limit(limits.max_k, "limits.max_k")
+
+
+def occupation_k(limits: LimitsConfig) -> Limit:
+    return Limit(
+        min(limits.match_max_k, limits.max_k),
+        f"MatchOccupation: at most {limits.match_max_k}, limits.match_max_k; limits.max_k",
+    )
+
+
+def text_chars(limits: LimitsConfig) -> Limit:
+    return Limit(limits.max_text_chars, "limits.max_text_chars")
+
+
+def occupation_text_chars(limits: LimitsConfig) -> Limit:
+    return Limit(
+        min(limits.match_max_text_chars, limits.max_text_chars),
+        f"MatchOccupation: at most {limits.match_max_text_chars}, limits.match_max_text_chars; limits.max_text_chars",
+    )
+
+
+# -- checks --------------------------------------------------------------------------------------------------------
+
+
+def check_text_count(count: int, limits: LimitsConfig) -> None:
+    if count == 0:
+        raise invalid("texts is empty: send at least one text")
+    limit = limits.max_texts_per_request
+    if count > limit:
+        raise invalid(
+            f"{count} texts in one request, over the limit of {limit} (limits.max_texts_per_request); split the request"
+        )
+
+
+def check_text_chars(field: str, text: str, limit: Limit) -> None:
+    if len(text) > limit.value:
+        raise invalid(f"{field} has {len(text)} characters, over the limit of {limit.value} ({limit.keys})")
+
+
+def resolve_k(requested: int, limit: Limit, default: int = 0) -> int:
+    """The k to use: `requested`, or `default` where the proto's 0 means "not set" (0 stays invalid without one)."""
+    k = requested or default
+    if not 1 <= k <= limit.value:
+        raise invalid(f"k must be between 1 and {limit.value} ({limit.keys}), got {requested}")
+    return k
+
+
+def resolve_weight(field: str, requested: float, default: float) -> float:
+    """A blend weight in [0, 1]: `requested`, or `default` where the proto's 0 means "not set"."""
+    weight = requested or default
+    if not 0.0 <= weight <= 1.0:
+        raise invalid(f"{field} must be within [0, 1], got {requested}")
+    return weight
+
+
+def check_ids(ids: Sequence[str], limits: LimitsConfig, required: bool) -> None:
+    if required and not ids:
+        raise invalid("ids is empty")
+    limit = limits.max_ids_per_request
+    if len(ids) > limit:
+        raise invalid(f"{len(ids)} ids, over the limit of {limit} (limits.max_ids_per_request)")
+
+
+def check_upsert_documents(documents: Sequence[index_pb2.Document], limits: LimitsConfig) -> None:
+    """Refuse the whole upsert before any embedding: ids present and unique, a text or a vector each."""
+    if not documents:
+        raise invalid("documents is empty")
+    limit = limits.max_upsert_documents
+    if len(documents) > limit:
+        raise invalid(
+            f"{len(documents)} documents in one upsert, over the limit of {limit} (limits.max_upsert_documents); split it"
+        )
+    seen: set[str] = set()
+    for i, doc in enumerate(documents):
+        if not doc.id:
+            raise invalid(f"documents[{i}] has no id")
+        if doc.id in seen:
+            raise invalid(f"documents[{i}]: id {doc.id!r} appears twice in this upsert")
+        seen.add(doc.id)
+        if not doc.vector and not doc.text.strip():
+            raise invalid(f"documents[{i}] ({doc.id!r}) needs a text or a vector")
+        check_text_chars(f"documents[{i}].text", doc.text, text_chars(limits))
+
+
+def parse_filters(filters: Iterable[index_pb2.Filter]) -> Filters:
+    parsed = []
+    for f in filters:
+        if not f.field:
+            raise invalid("a filter has no field")
+        if not f.values:
+            raise invalid(f"filter on {f.field!r} has no values")
+        parsed.append((f.field, tuple(f.values)))
+    return tuple(parsed)

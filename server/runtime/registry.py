@@ -1,0 +1,265 @@
+"""Loaded model versions: tokenizer + backend + batcher, warmed up, looked up by name.
+
+This is where a built version becomes servable. The API asks the registry for
+a model by name (and optionally version) and never touches files or TOML.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backends.base import BackendKind, Encoder
+from ..backends.options import BackendConfig
+from ..backends.select import open_encoder
+from ..batching import BatcherConfig, BatchStats, DynamicBatcher
+from ..tokenize import TextKind, TextTokenizer, TokenizedText, TokenizerConfig
+from .repository import ModelNotFound, ModelRepository, ModelVersion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    normalized: np.ndarray  # float32 [n, dim], unit rows
+    pooled: np.ndarray  # float32 [n, dim], before normalisation
+    tokens: list[TokenizedText]
+    tokenize_s: float
+    queue_s: float
+    inference_s: float
+    batches: int
+
+
+@dataclass
+class LoadedModel:
+    version: ModelVersion
+    tokenizer: TextTokenizer
+    encoder: Encoder
+    batcher: DynamicBatcher
+    users: int = 0  # embed() calls in progress: a version is unloaded only at zero
+    state: str = "current"
+
+    @property
+    def name(self) -> str:
+        return self.version.name
+
+    @property
+    def dim(self) -> int:
+        return self.version.dim
+
+    async def embed(self, texts: list[str], kind: TextKind, truncate: bool = True, deadline: float | None = None) -> EmbedResult:
+        """Tokenise in the caller's task (so errors name the text), then queue on the batcher."""
+        self.users += 1
+        try:
+            started = time.perf_counter()
+            tokens = self.tokenizer.encode(texts, kind, truncate=truncate)
+            tokenize_s = time.perf_counter() - started
+            result = await self.batcher.submit([t.ids for t in tokens], deadline=deadline)
+        finally:
+            self.users -= 1
+        normalized, pooled = result.outputs
+        return EmbedResult(normalized, pooled, tokens, tokenize_s, result.queue_s, result.inference_s, result.batches)
+
+
+def warm_up(model: LoadedModel) -> None:
+    """Run the shapes the server will see first so the first request is not slow."""
+    tokenizer = model.tokenizer
+    for texts in (["Bonjour"], ["Conducteur / Conductrice de travaux " * 200] * 2):
+        tokens = tokenizer.encode(texts, TextKind.PASSAGE, truncate=True)
+        width = max(len(t.ids) for t in tokens)
+        ids = np.full((len(tokens), width), tokenizer.pad_id, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, t in enumerate(tokens):
+            ids[row, : len(t.ids)] = t.ids
+            mask[row, : len(t.ids)] = 1
+        vectors, _ = model.encoder.encode(ids, mask)
+        if vectors.shape != (len(texts), model.dim) or not np.all(np.isfinite(vectors)):
+            raise RuntimeError(f"model {model.name} warm-up produced {vectors.shape} / non-finite vectors")
+
+
+class ModelInUse(RuntimeError):
+    """Unloading this model would break the default model or a collection."""
+
+
+class ModelRegistry:
+    """Loaded versions by (name, version), the current version of each name, and the default name.
+
+    Swaps are atomic for new traffic: `get` reads one dict entry, and nothing awaits between a
+    caller's `get` and its `embed`, so once `load` switches `current`, no new request reaches the
+    old version; it is unloaded when its in-flight calls reach zero (unless a collection pins it).
+    """
+
+    DRAIN_POLL_S = 0.05
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        batching: BatcherConfig,
+        backend: BackendConfig,
+        default_model: str,
+        on_batch=None,
+        pinned: Callable[[], set[tuple[str, str]]] | None = None,
+    ) -> None:
+        self.repository = repository
+        self._batching = batching
+        self._backend = backend
+        self.default_model = default_model
+        self._on_batch = on_batch
+        self._pinned = pinned or (lambda: set())
+        self._current: dict[str, LoadedModel] = {}
+        self._all: dict[tuple[str, str], LoadedModel] = {}
+        self._retiring: set[asyncio.Task] = set()
+        self._lock = asyncio.Lock()
+
+    async def load(self, name: str, version: str = "", make_current: bool = True) -> LoadedModel:
+        """Load (or reuse) a version, warm it up, then make it current; the old current drains.
+
+        make_current=False only loads it beside the current version (for collections pinned to it).
+        """
+        async with self._lock:
+            built = self.repository.version(name, version) if version else self.repository.latest(name)
+            model = self._all.get((name, built.version))
+            if model is None:
+                loop = asyncio.get_running_loop()
+                try:
+                    model = await loop.run_in_executor(None, self._open, built)
+                except Exception as exc:
+                    # Its traceback's frames hold the half-built tokenizer and ONNX session (~250 MB here),
+                    # and gRPC keeps an aborted call's exception alive: each failed LoadModel leaked them.
+                    traceback.clear_frames(exc.__traceback__)
+                    raise
+                await model.batcher.start()
+                self._all[(name, built.version)] = model
+            previous = self._current.get(name)
+            if not make_current and previous is not None and previous is not model:
+                model.state = "serving"
+                return model
+            model.state = "current"
+            self._current[name] = model  # the switch: new traffic goes to `model` from here on
+            if previous is not None and previous is not model:
+                self._retire(previous)
+            log.info(
+                "model ready: %s version %s on %s %s (%s)",
+                name,
+                built.version,
+                model.encoder.info.device,
+                model.encoder.info.precision,
+                model.encoder.info.detail,
+            )
+            return model
+
+    def _retire(self, model: LoadedModel) -> None:
+        key = (model.name, model.version.version)
+        if key in self._pinned():
+            model.state = "serving"
+            log.info("model %s/%s stays loaded: a collection holds its vectors", *key)
+            return
+        self._start_draining(model)
+
+    def _start_draining(self, model: LoadedModel) -> None:
+        model.state = "draining"
+        task = asyncio.get_running_loop().create_task(self._drain_and_close(model))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _drain_and_close(self, model: LoadedModel) -> None:
+        while model.users or model.batcher.in_flight:
+            await asyncio.sleep(self.DRAIN_POLL_S)
+        key = (model.name, model.version.version)
+        if self._all.get(key) is model and self._current.get(model.name) is not model:
+            del self._all[key]
+            await model.batcher.stop(drain=True)
+            model.encoder.close()
+            log.info("model %s/%s unloaded after draining", *key)
+
+    async def unload(self, name: str, version: str = "") -> list[str]:
+        async with self._lock:
+            targets = [m for (n, v), m in self._all.items() if n == name and (not version or v == version)]
+            if not targets:
+                raise ModelNotFound(f"model {name!r}{' version ' + repr(version) if version else ''} is not loaded")
+            pinned = self._pinned()
+            for model in targets:
+                key = (model.name, model.version.version)
+                if name == self.default_model and self._current.get(name) is model:
+                    raise ModelInUse(f"{name} is the default model; SetDefault to another model first")
+                if key in pinned:
+                    raise ModelInUse(f"collections hold vectors of {key[0]}/{key[1]}; drop or re-embed them first")
+            for model in targets:
+                if self._current.get(name) is model:
+                    del self._current[name]
+                self._start_draining(model)
+            return [m.version.version for m in targets]
+
+    def set_default(self, name: str) -> str:
+        if name not in self._current:
+            raise ModelNotFound(f"model {name!r} is not loaded; LoadModel it first (loaded: {sorted(self._current)})")
+        previous, self.default_model = self.default_model, name
+        return previous
+
+    def current(self, name: str) -> LoadedModel | None:
+        return self._current.get(name)
+
+    def _open(self, built: ModelVersion) -> LoadedModel:
+        tokenizer = TextTokenizer(
+            built.tokenizer_path, TokenizerConfig(built.max_tokens, built.query_prefix, built.passage_prefix)
+        )
+        encoder = open_encoder(
+            built,
+            BackendKind(self.repository.spec(built.name).backend),
+            self._backend,
+            max_batch=self._batching.max_batch_size,
+            pad_id=tokenizer.pad_id,
+        )
+        config = dataclasses.replace(
+            self._batching,
+            pad_token_id=tokenizer.pad_id,
+            max_batch_tokens=max(self._batching.max_batch_tokens, built.max_tokens),
+        )
+        batcher = DynamicBatcher(encoder.encode, config, name=f"{built.name}/{built.version}", on_batch=self._stats(built))
+        model = LoadedModel(built, tokenizer, encoder, batcher)
+        warm_up(model)
+        return model
+
+    def _stats(self, built: ModelVersion):
+        if self._on_batch is None:
+            return None
+        callback = self._on_batch
+
+        def on_batch(stats: BatchStats) -> None:
+            callback(built.name, built.version, stats)
+
+        return on_batch
+
+    def get(self, name: str = "", version: str = "") -> LoadedModel:
+        name = name or self.default_model
+        if version:
+            model = self._all.get((name, version))
+            if model is None:
+                raise ModelNotFound(f"model {name!r} version {version!r} is not loaded (loaded: {self.loaded()})")
+            return model
+        model = self._current.get(name)
+        if model is None:
+            raise ModelNotFound(f"model {name!r} is not loaded (loaded: {sorted(self._current)})")
+        return model
+
+    def models(self) -> list[LoadedModel]:
+        return list(self._all.values())
+
+    def loaded(self) -> list[str]:
+        return sorted(f"{n}/{v}" for n, v in self._all)
+
+    async def close(self, drain: bool = True) -> None:
+        for task in list(self._retiring):
+            task.cancel()
+        for model in list(self._all.values()):
+            await model.batcher.stop(drain=drain)
+            model.encoder.close()
+        self._all.clear()
+        self._current.clear()
