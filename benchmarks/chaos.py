@@ -8,10 +8,11 @@ model_faults.py, disk_faults.py; tests/api/test_crash_recovery.py, test_storage_
 test_failed_model_load.py run shorter sequences of them). This run, on one server and one
 collection: half the SIGKILL cycles (``--cycles``, 20 by default), a clean SIGTERM restart (its
 snapshot then holds vectors), a SIGKILL cycle that truncates ``<dir>/collections/chaos/index.faiss``
-to half while the server is down, a client disconnect storm, model loads failing mid-swap (each
-broken version ``--swap-repeats`` times), a full disk (whose failed shutdown snapshot leaves the
-store ahead of the snapshot), then the other half of the SIGKILL cycles, which replay on top of
-that. Every cycle ends with a check of every acknowledged document.
+to half while the server is down, two shutdown snapshots SIGKILLed between their steps (the
+server armed with a crash point of openemploi.index.durable), a client disconnect storm, model
+loads failing mid-swap (each broken version ``--swap-repeats`` times), a full disk (whose failed
+shutdown snapshot leaves the store ahead of the snapshot), then the other half of the SIGKILL
+cycles, which replay on top of that. Every cycle ends with a check of every acknowledged document.
 
 ``--quick`` (4 SIGKILL cycles, a small storm, each broken version 3 times) is for development;
 the default run is sized for about 10 minutes on 2 cores. ``--index hnsw`` runs the same on an
@@ -45,6 +46,7 @@ from openemploi.testing.faults import (
     CycleReport,
     graceful_cycle,
     kill_cycle,
+    snapshot_kill_cycle,
     stderr_log,
 )
 from openemploi.testing.model_faults import model_swap_cycle
@@ -157,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the store ahead of the snapshot), then the other half of the kills, which replay on top of that.
     plan = (
         ["kill"] * (args.cycles // 2)
-        + ["sigterm", "truncate", "storm", "swap", "disk"]
+        + ["sigterm", "truncate", "snapshot-written", "snapshot-renamed", "storm", "swap", "disk"]
         + ["kill"] * (args.cycles - args.cycles // 2)
     )
     aborted = ""
@@ -172,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report = disk_full_cycle(run)
             elif step == "sigterm":
                 report = graceful_cycle(run)
+            elif step.startswith("snapshot-"):
+                report = snapshot_kill_cycle(run, step)
             else:
                 report = kill_cycle(run, truncate_snapshot=step == "truncate")
             if not run.server.alive():

@@ -23,6 +23,7 @@ from .api import embedding as embedding_api
 from .api import index as index_api
 from .api import match as match_api
 from .api import models as models_api
+from .api.rpc import WorkPool
 from .batching import BatchStats
 from .config import ServerConfig
 from .index.collection import CollectionManager
@@ -41,6 +42,7 @@ SERVICE_NAMES = (
     match_pb2.DESCRIPTOR.services_by_name["MatchService"].full_name,
     models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
 )
+ROME_COLLECTION = "rome"  # the catalogue the server indexes and keeps: read-only but to admin tokens
 
 
 @dataclass
@@ -52,6 +54,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     port: int
     config: ServerConfig
+    index_pool: WorkPool
     metrics_port: int = 0
 
     async def stop(self, grace: float | None = None) -> None:
@@ -59,6 +62,7 @@ class RunningServer:
         grace = self.config.grace_period_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        await asyncio.to_thread(self.index_pool.close)
         await self.registry.close(drain=True)
         await asyncio.to_thread(self.collections.close)
         self.metrics.close()
@@ -75,7 +79,8 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
         ("grpc.so_reuseport", 0),
     ]
     # Refuse a bad tokens file or certificate before anything listens.
-    auth = security.interceptors(config.security)
+    managed = frozenset({ROME_COLLECTION}) if config.rome_collection else frozenset()
+    auth = security.interceptors(config.security, managed)
     credentials = security.server_credentials(config.security)
     metrics = Metrics()
 
@@ -106,6 +111,8 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
         config.default_model,
         observe_batch,
         pinned_versions,
+        tokenize_threads=config.limits.tokenize_threads,
+        on_nonfinite=metrics.on_nonfinite,
     )
     collections = await asyncio.to_thread(CollectionManager, config.collections_dir)
     metrics.watch(
@@ -118,9 +125,10 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
         )
     )
     metrics_port = metrics.serve(config.metrics_host, config.metrics_port) if config.metrics else 0
+    index_pool = WorkPool(config.limits.index_workers, config.limits.max_index_queue)
     embedding_api.add_to_server(embedding_api.EmbeddingServicer(registry, config.limits), server)
-    index_api.add_to_server(index_api.IndexServicer(collections, registry, config.limits), server)
-    match_servicer = match_api.MatchServicer(collections, registry, None, config.limits)
+    index_api.add_to_server(index_api.IndexServicer(collections, registry, config.limits, index_pool), server)
+    match_servicer = match_api.MatchServicer(collections, registry, None, config.limits, index_pool)
     match_api.add_to_server(match_servicer, server)
     models_api.add_to_server(models_api.ModelServicer(registry), server)
     if config.reflection:
@@ -135,10 +143,14 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
         await load_pinned_versions(registry, pinned_versions())
         if config.rome_collection:
             occupations = load_catalogue()
-            rome = await ensure_rome_collection(collections, registry.get(), occupations, progress=config.progress)
+            with registry.hold() as model:  # an admin LoadModel during indexing keeps the version it binds
+                rome = await ensure_rome_collection(
+                    collections, model, occupations, name=ROME_COLLECTION, progress=config.progress
+                )
             match_servicer.occupations = OccupationMatcher(lambda: collections.get(rome.spec.name), occupations)
     except BaseException:
         await server.stop(0)
+        await asyncio.to_thread(index_pool.close)
         await registry.close(drain=False)
         await asyncio.to_thread(collections.close)
         metrics.close()
@@ -146,7 +158,7 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving on %s:%d (models: %s)", config.host, port, ", ".join(registry.loaded()))
-    return RunningServer(server, registry, collections, metrics, health_servicer, port, config, metrics_port)
+    return RunningServer(server, registry, collections, metrics, health_servicer, port, config, index_pool, metrics_port)
 
 
 async def load_pinned_versions(registry: ModelRegistry, pinned: set[tuple[str, str]]) -> None:

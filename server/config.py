@@ -41,6 +41,12 @@ class LimitsConfig:
     max_ids_per_request: int = 4096  # ids in one Get / Delete
     match_max_text_chars: int = 20_000  # MatchOccupation: a job description or CV line, not a document
     match_max_k: int = 100  # MatchOccupation: more than 100 ROME codes is no longer a match
+    max_request_chars: int = 4_000_000  # characters in all texts of one Embed: about 5 s of tokenising on one core
+    tokenize_threads: int = 2  # worker threads that tokenise requests, off the event loop; shared by every model
+    max_query_terms: int = 256  # lexical terms of a hybrid query / MatchOccupation: the first ones kept, the rest dropped
+    max_filter_terms: int = 256  # filter values + skills_all + skills_any of one Search / MatchProfile (SQLite's tree)
+    index_workers: int = 4  # threads for index and SQLite work, apart from embedding's
+    max_index_queue: int = 256  # index calls waiting for a worker; beyond: RESOURCE_EXHAUSTED, retry with backoff
 
     def __post_init__(self) -> None:
         for limit in dataclasses.fields(self):
@@ -100,8 +106,13 @@ def _coerce(value: object, annotation: object, key: str) -> object:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(options) == 1 and type(None) in typing.get_args(annotation):  # X | None: "" means unset
-            return None if value is None or value == "" else _coerce(value, options[0], key)
+        if len(options) == 1 and type(None) in typing.get_args(annotation):  # X | None: leave the key out for None
+            if value is None:
+                return None
+            if str(value).strip() == "":
+                # An empty value is a template left unfilled; reading it as unset would start a server open.
+                raise ConfigError(f"config {key} is empty: give a value, or remove the key to leave it unset")
+            return _coerce(value, options[0], key)
     try:
         if annotation is bool:
             if isinstance(value, bool):

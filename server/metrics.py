@@ -96,6 +96,12 @@ class Metrics:
             "openemploi_inference_seconds", "Backend time per batch", ["model", "version"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.batch_failures = Counter("openemploi_batch_failures", "Batches whose inference raised", ["model"], registry=r)
+        self.nonfinite_vectors = Counter(
+            "openemploi_nonfinite_vectors",
+            "Texts whose vector came out NaN or infinite (e.g. fp16 overflow); their requests failed, nothing was served",
+            ["model", "version"],
+            registry=r,
+        )
         self._http: WSGIServer | None = None
 
     def watch(self, gauges: Gauges) -> None:
@@ -109,6 +115,9 @@ class Metrics:
         self.inference_seconds.labels(model, version).observe(stats.inference_s)
         if getattr(stats, "failed", False):
             self.batch_failures.labels(model).inc()
+
+    def on_nonfinite(self, model: str, version: str, texts: int) -> None:
+        self.nonfinite_vectors.labels(model, version).inc(texts)
 
     def observe_request(self, rpc: str, code: grpc.StatusCode, seconds: float) -> None:
         self.requests.labels(rpc, code.name).inc()

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import tomllib
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -48,6 +49,14 @@ RPC_SCOPES: Mapping[str, str] = {
     "/openemploi.v1.ModelService/LoadModel": ADMIN,
     "/openemploi.v1.ModelService/UnloadModel": ADMIN,
     "/openemploi.v1.ModelService/SetDefault": ADMIN,
+}
+# Writes and the request field naming their collection: on a collection the server manages (the ROME
+# catalogue), only an admin token may make them, whatever scope the RPC itself needs.
+COLLECTION_WRITES: Mapping[str, str] = {
+    "/openemploi.v1.IndexService/Upsert": "collection",
+    "/openemploi.v1.IndexService/Delete": "collection",
+    "/openemploi.v1.IndexService/DropCollection": "name",
+    "/openemploi.v1.IndexService/Reembed": "collection",
 }
 OPEN_SERVICES = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection"})
 
@@ -218,12 +227,40 @@ def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: st
     return handler
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Bearer token -> scope check before any servicer code runs. Logs the token's name, never the token."""
+def _guarding_managed(
+    handler: grpc.RpcMethodHandler, field: str, managed: frozenset[str], caller: str, request_id: str
+) -> grpc.RpcMethodHandler:
+    """The same unary handler, refusing a parsed request whose `field` names a managed collection.
 
-    def __init__(self, store: TokenStore, scopes: Mapping[str, str] = RPC_SCOPES) -> None:
+    The collection is in the request body, which only the handler parses: the check waits for it.
+    """
+    behaviour = handler.unary_unary
+
+    async def guarded(request, context):
+        name = getattr(request, field, None)  # an unparsed request has none: the servicer refuses it
+        if name in managed:
+            message = (
+                f"collection {name!r} is managed by the server (config rome_collection): "
+                f"token {caller!r} may not change it, only a token with scope {ADMIN!r}"
+            )
+            log.warning("write refused: %s", message, extra={"request_id": request_id, "caller": caller})
+            context.set_trailing_metadata((("x-request-id", request_id),))
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+        return await behaviour(request, context)
+
+    return handler._replace(unary_unary=guarded)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Bearer token -> scope check before any servicer code runs. Logs the token's name, never the token.
+
+    Collections in `managed` (the server's own catalogue) are read-only to every token but admin.
+    """
+
+    def __init__(self, store: TokenStore, scopes: Mapping[str, str] = RPC_SCOPES, managed: frozenset[str] = frozenset()) -> None:
         self._store = store
         self._scopes = scopes
+        self._managed = managed
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
@@ -249,7 +286,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 message = f"token {caller.name!r} lacks scope {scope!r}, needed for {method}"
             else:
                 log.debug("%s called by token %s", method, caller.name, extra={"request_id": rid, "caller": caller.name})
-                return handler
+                field = COLLECTION_WRITES.get(method)
+                if field is None or not self._managed or caller.allows(ADMIN) or handler.unary_unary is None:
+                    return handler
+                return _guarding_managed(handler, field, self._managed, caller.name, rid)
         log.warning(
             "%s refused: %s",
             method,
@@ -259,16 +299,33 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return _refusing(handler, code, message, rid)
 
 
-def interceptors(config: SecurityConfig) -> list[grpc.aio.ServerInterceptor]:
-    """The auth interceptor when a tokens file is set; a warning and none otherwise. Errors are ConfigErrors."""
+def require_private(path: Path) -> None:
+    """Refuse a tokens file other accounts may read or change: its hashes can be brute-forced offline, or a token added."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError as exc:
+        raise TokenFileError(f"security.tokens_file {path}: cannot read it ({exc.strerror or exc})") from exc
+    if mode & 0o077:
+        raise TokenFileError(
+            f"security.tokens_file {path} is readable or writable by group or others (mode {mode:04o}); "
+            f"run `chmod 600 {path}` (owner only) and start again"
+        )
+
+
+def interceptors(config: SecurityConfig, managed_collections: frozenset[str] = frozenset()) -> list[grpc.aio.ServerInterceptor]:
+    """The auth interceptor when a tokens file is set; a warning and none otherwise. Errors are ConfigErrors.
+
+    `managed_collections` are the server's own (the ROME catalogue): read-only but to admin tokens.
+    """
     if config.tokens_file is None:
         log.warning("security.tokens_file is not set: every RPC is open to anyone who can reach the port")
         return []
+    require_private(config.tokens_file)
     store = TokenStore.load(config.tokens_file)
     log.info("bearer tokens required: %d tokens from %s", len(store.tokens), config.tokens_file)
     if config.tls_cert is None:
         log.warning("bearer tokens travel in plaintext: set security.tls_cert and tls_key unless a TLS proxy fronts this port")
-    return [AuthInterceptor(store)]
+    return [AuthInterceptor(store, managed=managed_collections)]
 
 
 def _read_pem(path: Path, key: str, marker: str) -> bytes:

@@ -313,6 +313,8 @@ def test_invalid_backend_values_are_rejected(key, value, match):
         "max_ids_per_request",
         "match_max_text_chars",
         "match_max_k",
+        "max_request_chars",
+        "tokenize_threads",
     ],
 )
 def test_zero_limits_are_rejected(tmp_path, field):
@@ -325,6 +327,14 @@ def test_new_request_limits_are_set_like_the_others(tmp_path):
     path = write(tmp_path, "[limits]\nmax_ids_per_request = 10\nmatch_max_text_chars = 500\nmatch_max_k = 20\n")
     limits = load_config(path, env={"OPENEMPLOI_LIMITS_MATCH_MAX_K": "30"}).limits
     assert (limits.max_ids_per_request, limits.match_max_text_chars, limits.match_max_k) == (10, 500, 30)
+
+
+def test_tokenising_limits_have_defaults_and_are_set_like_the_others(tmp_path):
+    defaults = load_config(None, env={}).limits
+    assert (defaults.max_request_chars, defaults.tokenize_threads) == (4_000_000, 2)
+    path = write(tmp_path, "[limits]\nmax_request_chars = 50000\ntokenize_threads = 3\n")
+    limits = load_config(path, env={"OPENEMPLOI_LIMITS_TOKENIZE_THREADS": "4"}).limits
+    assert (limits.max_request_chars, limits.tokenize_threads) == (50_000, 4)
 
 
 def test_max_k_cannot_exceed_what_the_index_searches():

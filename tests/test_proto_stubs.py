@@ -94,3 +94,14 @@ def test_committed_stubs_expose_the_service():
     assert service.full_name == "openemploi.v1.EmbeddingService"
     assert {"Embed", "EmbedStream"} <= set(service.methods_by_name)
     assert hasattr(embedding_pb2_grpc, "EmbeddingServiceStub")
+
+
+def test_document_vector_model_is_a_new_field_that_older_clients_leave_empty():
+    """Field numbers 1-5 keep their meaning; bytes from a client built before field 6 read as 'the collection's model'."""
+    from openemploi.v1 import index_pb2
+
+    fields = {f.name: f.number for f in index_pb2.Document.DESCRIPTOR.fields}
+    assert fields == {"id": 1, "text": 2, "vector": 3, "metadata": 4, "skills": 5, "vector_model": 6}
+    older = b"\x0a\x01v" + b"\x1a\x04" + b"\x00\x00\x80\x3f"  # id = "v", vector = [1.0], as field 6 never existed
+    document = index_pb2.Document.FromString(older)
+    assert (document.id, list(document.vector), document.vector_model) == ("v", [1.0], "")

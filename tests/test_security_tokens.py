@@ -118,7 +118,7 @@ def test_no_tokens_file_means_open_and_says_so(caplog):
 
 
 def test_security_config_from_env_and_its_rules(tmp_path):
-    env = {"OPENEMPLOI_SECURITY_TOKENS_FILE": "/etc/oe/tokens.toml", "OPENEMPLOI_SECURITY_TLS_CERT": ""}
+    env = {"OPENEMPLOI_SECURITY_TOKENS_FILE": "/etc/oe/tokens.toml"}
     config = load_config(None, env=env)
     assert config.security == SecurityConfig(tokens_file=Path("/etc/oe/tokens.toml"))
     with pytest.raises(ConfigError, match="tls_cert and security.tls_key go together"):
@@ -140,6 +140,30 @@ def test_start_server_fails_before_listening_on_a_bad_tokens_file(tmp_path):
     from openemploi.app import start_server
 
     (tmp_path / "tokens.toml").write_text(entry(scopes='["sudo"]'), encoding="utf-8")
+    (tmp_path / "tokens.toml").chmod(0o600)
     config = dataclasses.replace(ServerConfig(port=0), security=SecurityConfig(tokens_file=tmp_path / "tokens.toml"))
     with pytest.raises(ConfigError, match="unknown scope 'sudo'"):
         asyncio.run(start_server(config))
+
+
+@pytest.mark.parametrize("key", ["TOKENS_FILE", "TLS_CERT", "TLS_KEY", "TLS_CLIENT_CA"])
+def test_an_empty_security_path_is_a_config_error_naming_the_key(tmp_path, key):
+    """An empty value is a mistake (a template left unfilled), never "unset": the server must not start open."""
+    with pytest.raises(ConfigError, match=f"OPENEMPLOI_SECURITY_{key} is empty"):
+        load_config(None, env={f"OPENEMPLOI_SECURITY_{key}": ""})
+    path = tmp_path / "server.toml"
+    path.write_text(f'[security]\n{key.lower()} = ""\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"security\.{key.lower()} is empty"):
+        load_config(path, env={})
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o660])
+def test_a_tokens_file_open_to_group_or_others_is_refused_with_the_chmod_to_run(tmp_path, mode):
+    path = tmp_path / "tokens.toml"
+    append_token(path, "svc-x", ["embed"])
+    path.chmod(mode)
+    with pytest.raises(ConfigError, match=re.escape(f"chmod 600 {path}")) as info:
+        interceptors(SecurityConfig(tokens_file=path))
+    assert f"{mode:04o}" in str(info.value) and "group or others" in str(info.value)
+    path.chmod(0o600)
+    assert len(interceptors(SecurityConfig(tokens_file=path))) == 1

@@ -7,7 +7,8 @@ import unicodedata
 import numpy as np
 import pytest
 
-from openemploi.tokenize import TextKind, TextTokenizer, TextTooLongError, TokenizerConfig
+from openemploi import tokenize
+from openemploi.tokenize import PRECUT_CHARS_PER_TOKEN, TextKind, TextTokenizer, TextTooLongError, TokenizerConfig
 
 BOS, PAD, EOS = 0, 1, 2
 LONG_TEXT = "Développeur back-end confirmé, maîtrise de Python et de l'intégration continue. " * 80
@@ -147,3 +148,65 @@ def test_encode_keeps_input_order_and_count(tokenizer, bare):
     out = tokenizer.encode(texts, TextKind.PASSAGE)
     assert [ids(t) for t in out] == [ids(tokenizer.encode([x], TextKind.PASSAGE)[0]) for x in texts]
     assert tokenizer.encode([], TextKind.PASSAGE) == []
+
+
+class LengthSpy:
+    """Stands in for the tokenizers' Tokenizer and records the longest text it was given."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.longest = 0
+
+    def encode_batch(self, texts, **options):
+        self.longest = max([self.longest, *map(len, texts)])
+        return self._inner.encode_batch(texts, **options)
+
+
+PRECUT_TEXTS = {
+    "prose": LONG_TEXT * 5,
+    "lines": "Préparateur de commandes, Lyon\n" * 2000,
+    "no-whitespace": "x" * 40_000,
+    "accents": "é" * 40_000,
+    "cjk": "招聘仓库叉车司机，需持证上岗，两班倒。" * 2000,
+    "nfd": unicodedata.normalize("NFD", "Électricienne bâtiment, habilitée ") * 1500,
+    "whitespace-runs-the-normalizer-collapses": " " * 30_000 + "mot " * 2000,
+}
+
+
+@pytest.mark.parametrize("name", list(PRECUT_TEXTS))
+def test_precut_tokenises_a_bounded_head_and_keeps_the_ids_of_the_whole_text(default_version, bare, name):
+    """With truncate=true the tokenizer never sees a whole huge text, yet the kept ids are exactly those of the whole text."""
+    text = PRECUT_TEXTS[name]
+    v = default_version
+    tokenizer = TextTokenizer(v.tokenizer_path, TokenizerConfig(v.max_tokens, v.query_prefix, v.passage_prefix))
+    spy = LengthSpy(tokenizer._tokenizer)
+    tokenizer._tokenizer = spy
+    (t,) = tokenizer.encode([text], TextKind.PASSAGE, truncate=True, precut=True)
+    full = ids(bare.encode(["passage: " + text], TextKind.PASSAGE)[0])
+    assert len(full) > 512
+    assert ids(t) == [*full[:511], EOS]
+    assert t.truncated and 512 < t.original_tokens <= len(full)
+    assert spy.longest < len(text)
+    if name != "whitespace-runs-the-normalizer-collapses":  # that one needs wider cuts, found by doubling
+        assert spy.longest <= len("passage: ") + 512 * PRECUT_CHARS_PER_TOKEN
+
+
+def test_precut_leaves_short_texts_and_exact_counts_alone(tokenizer):
+    texts = ["Boulanger / Boulangère", LONG_TEXT]
+    exact = tokenizer.encode(texts, TextKind.QUERY, truncate=True)
+    cut = tokenizer.encode(texts, TextKind.QUERY, truncate=True, precut=True)
+    assert [ids(t) for t in cut] == [ids(t) for t in exact]
+    assert cut[0].original_tokens == exact[0].original_tokens
+    assert exact[1].original_tokens > 512  # without precut the count is exact (build fidelity and benchmarks read it)
+
+
+def test_chunks_keep_order_and_a_too_long_text_is_named_by_its_request_index(tokenizer, monkeypatch):
+    monkeypatch.setattr(tokenize, "CHUNK_CHARS", 40)
+    texts = [f"texte numéro {i}" for i in range(30)]
+    chunked = tokenizer.encode(texts, TextKind.PASSAGE)
+    monkeypatch.undo()
+    assert [ids(t) for t in chunked] == [ids(t) for t in tokenizer.encode(texts, TextKind.PASSAGE)]
+    monkeypatch.setattr(tokenize, "CHUNK_CHARS", 40)
+    with pytest.raises(TextTooLongError) as info:
+        tokenizer.encode([*texts, LONG_TEXT], TextKind.PASSAGE, truncate=False)
+    assert info.value.index == 30

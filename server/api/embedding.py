@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -44,6 +44,16 @@ class Timings:
         )
 
 
+def check_request_chars(texts: Sequence[str], limits: LimitsConfig) -> None:
+    """Bound the tokenising one request may cost, whatever its split into texts."""
+    total = sum(map(len, texts))
+    if total > limits.max_request_chars:
+        raise invalid(
+            f"texts hold {total} characters in all, over the limit of {limits.max_request_chars} "
+            "(limits.max_request_chars); split the request"
+        )
+
+
 class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     def __init__(self, registry: ModelRegistry, limits: LimitsConfig) -> None:
         self._registry = registry
@@ -59,6 +69,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         limit = text_chars(self._limits)
         for index, text in enumerate(request.texts):
             check_text_chars(f"texts[{index}]", text, limit)
+        check_request_chars(request.texts, self._limits)
         return request
 
     async def embed(

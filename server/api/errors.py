@@ -14,9 +14,9 @@ from typing import NamedTuple
 import grpc
 
 from ..batching import BatcherClosedError, DeadlineExceededError, QueueFullError
-from ..index.collection import CollectionExists, CollectionNotFound, CollectionReplaced, InvalidQuery
+from ..index.collection import CollectionExists, CollectionNotFound, CollectionReplaced, CollectionUnavailable, InvalidQuery
 from ..index.store import StorageFull
-from ..runtime.registry import ModelInUse
+from ..runtime.registry import ModelInUse, NonFiniteEmbeddingError
 from ..runtime.repository import ModelNotBuilt, ModelNotFound
 from ..tokenize import TextTooLongError
 
@@ -58,6 +58,7 @@ STATUS_BY_ERROR: Mapping[type[Exception], StatusRule] = MappingProxyType(
         CollectionNotFound: StatusRule(grpc.StatusCode.NOT_FOUND),
         CollectionExists: StatusRule(grpc.StatusCode.ALREADY_EXISTS),
         CollectionReplaced: StatusRule(grpc.StatusCode.ABORTED),
+        CollectionUnavailable: StatusRule(grpc.StatusCode.FAILED_PRECONDITION),
         InvalidQuery: StatusRule(grpc.StatusCode.INVALID_ARGUMENT),
         TextTooLongError: StatusRule(grpc.StatusCode.INVALID_ARGUMENT),
         ModelNotFound: StatusRule(grpc.StatusCode.NOT_FOUND),
@@ -69,6 +70,9 @@ STATUS_BY_ERROR: Mapping[type[Exception], StatusRule] = MappingProxyType(
         BatcherClosedError: StatusRule(
             grpc.StatusCode.UNAVAILABLE, lambda _: "server is shutting down; retry on another replica"
         ),
+        # INTERNAL, not UNAVAILABLE: the same text overflows the same way again, so a retry does not help;
+        # the message (which texts, which model) is ours to give, unlike an unnamed bug's.
+        NonFiniteEmbeddingError: StatusRule(grpc.StatusCode.INTERNAL),
     }
 )
 

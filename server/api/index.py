@@ -21,8 +21,10 @@ from ..tokenize import TextKind
 from . import rpc
 from .errors import RequestError, failed_precondition, invalid
 from .validation import (
+    cap_query_terms,
     check_ids,
     check_text_chars,
+    check_unit_vector,
     check_upsert_documents,
     parse_filters,
     resolve_k,
@@ -49,10 +51,11 @@ def collection_info(collection: Collection) -> index_pb2.CollectionInfo:
     )
 
 
-def document_message(doc: StoredDocument, include_vector: bool) -> index_pb2.Document:
+def document_message(doc: StoredDocument, include_vector: bool, spec: CollectionSpec) -> index_pb2.Document:
     message = index_pb2.Document(id=doc.id, text=doc.text, metadata=doc.metadata, skills=doc.skills)
     if include_vector and doc.vector is not None:
         message.vector.extend(doc.vector.tolist())
+        message.vector_model = f"{spec.model}/{spec.model_version}"  # so the vector can be upserted elsewhere, checked
     return message
 
 
@@ -68,14 +71,15 @@ def collection_model(registry: ModelRegistry, collection: Collection) -> LoadedM
         ) from exc
 
 
-def check_vector_model(collection: Collection, vector_model: str) -> None:
+def check_vector_model(collection: Collection, vector_model: str, what: str = "vector") -> None:
+    """Same-dimension vectors of two models (e5-small, MiniLM: 384) would mix silently; empty trusts the caller."""
     if not vector_model:
         return
     name, _, version = vector_model.partition("/")
     spec = collection.spec
     if name != spec.model or (version and version != spec.model_version):
         raise failed_precondition(
-            f"vector from {vector_model!r} but collection {spec.name!r} holds {spec.model}/{spec.model_version} vectors"
+            f"{what} from {vector_model!r} but collection {spec.name!r} holds {spec.model}/{spec.model_version} vectors"
         )
 
 
@@ -84,17 +88,23 @@ def as_vector(values: Sequence[float]) -> np.ndarray:
 
 
 class IndexServicer(index_pb2_grpc.IndexServiceServicer):
-    def __init__(self, manager: CollectionManager, registry: ModelRegistry, limits: LimitsConfig) -> None:
+    def __init__(self, manager: CollectionManager, registry: ModelRegistry, limits: LimitsConfig, pool: rpc.WorkPool) -> None:
         self._manager = manager
         self._registry = registry
         self._limits = limits
+        self._pool = pool
         self._reembedding: dict[str, asyncio.Future] = {}  # collection -> its running re-embed
 
     @rpc.unary
     async def CreateCollection(
         self, request: index_pb2.CreateCollectionRequest, call: rpc.Call
     ) -> index_pb2.CreateCollectionResponse:
-        model = self._registry.get(request.model)
+        with self._registry.hold(request.model) as model:  # a swap meanwhile keeps the version the collection binds
+            return await self._create_collection(request, model, call)
+
+    async def _create_collection(
+        self, request: index_pb2.CreateCollectionRequest, model: LoadedModel, call: rpc.Call
+    ) -> index_pb2.CreateCollectionResponse:
         spec_in = request.index
         if spec_in.kind not in KINDS:
             raise invalid(f"unknown index kind {spec_in.kind}")
@@ -111,7 +121,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         except ValueError as exc:
             raise invalid(str(exc)) from exc
         spec = CollectionSpec(request.name, model.name, model.version.version, model.dim, params)
-        collection = await asyncio.to_thread(self._manager.create, spec)
+        collection = await self._pool.run(call, self._manager.create, spec)
         return index_pb2.CreateCollectionResponse(collection=collection_info(collection))
 
     @rpc.unary
@@ -119,12 +129,12 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         self, request: index_pb2.ListCollectionsRequest, call: rpc.Call
     ) -> index_pb2.ListCollectionsResponse:
         names = self._manager.names()
-        infos = await asyncio.to_thread(lambda: [collection_info(self._manager.get(n)) for n in names])
+        infos = await self._pool.run(call, lambda: [collection_info(self._manager.get(n)) for n in names])
         return index_pb2.ListCollectionsResponse(collections=infos)
 
     @rpc.unary
     async def DropCollection(self, request: index_pb2.DropCollectionRequest, call: rpc.Call) -> index_pb2.DropCollectionResponse:
-        await asyncio.to_thread(self._manager.drop, request.name)
+        await self._pool.run(call, self._manager.drop, request.name)
         return index_pb2.DropCollectionResponse(dropped=True)
 
     @rpc.unary
@@ -132,6 +142,9 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         collection = self._manager.get(request.collection)
         documents = list(request.documents)
         check_upsert_documents(documents, self._limits)
+        for i, d in enumerate(documents):
+            if d.vector:
+                check_vector_model(collection, d.vector_model, f"documents[{i}].vector")
         to_embed = [i for i, d in enumerate(documents) if not d.vector]
         embedded: dict[int, np.ndarray] = {}
         if to_embed:
@@ -144,23 +157,23 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
             NewDocument(d.id, d.text, embedded[i] if i in embedded else as_vector(d.vector), dict(d.metadata), tuple(d.skills))
             for i, d in enumerate(documents)
         ]
-        last = await asyncio.to_thread(collection.upsert, new)
+        last = await self._pool.run(call, collection.upsert, new)
         return index_pb2.UpsertResponse(upserted=len(new), last_sequence=last)
 
     @rpc.unary
     async def Delete(self, request: index_pb2.DeleteRequest, call: rpc.Call) -> index_pb2.DeleteResponse:
         collection = self._manager.get(request.collection)
         check_ids(request.ids, self._limits, required=True)
-        deleted = await asyncio.to_thread(collection.delete, list(request.ids))
+        deleted = await self._pool.run(call, collection.delete, list(request.ids))
         return index_pb2.DeleteResponse(deleted=deleted)
 
     @rpc.unary
     async def Get(self, request: index_pb2.GetRequest, call: rpc.Call) -> index_pb2.GetResponse:
         collection = self._manager.get(request.collection)
         check_ids(request.ids, self._limits, required=False)
-        found = await asyncio.to_thread(collection.get, list(request.ids), request.include_vectors)
+        found = await self._pool.run(call, collection.get, list(request.ids), request.include_vectors)
         return index_pb2.GetResponse(
-            documents=[document_message(found[i], request.include_vectors) for i in request.ids if i in found],
+            documents=[document_message(found[i], request.include_vectors, collection.spec) for i in request.ids if i in found],
             missing=[i for i in request.ids if i not in found],
         )
 
@@ -168,7 +181,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     async def Search(self, request: index_pb2.SearchRequest, call: rpc.Call) -> index_pb2.SearchResponse:
         collection = self._manager.get(request.collection)
         query = await search_query(self._registry, collection, request, call.deadline, self._limits)
-        result = await asyncio.to_thread(collection.search, query)
+        result = await self._pool.run(call, collection.search, query)
         hits = [
             index_pb2.SearchHit(
                 id=h.document.id,
@@ -191,10 +204,13 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     @rpc.unary
     async def Reembed(self, request: index_pb2.ReembedRequest, call: rpc.Call) -> index_pb2.ReembedResponse:
         collection = self._manager.get(request.collection)
-        model = self._registry.get(request.model)
+        hold = self._registry.hold(request.model)  # the target version stays loaded until the job ends
+        model = hold.model
         if (model.name, model.version.version) == (collection.spec.model, collection.spec.model_version):
+            hold.release()
             raise invalid(f"collection {request.collection!r} already holds {model.name}/{model.version.version} vectors")
         if request.collection in self._reembedding:
+            hold.release()
             raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"collection {request.collection!r} is already being re-embedded")
 
         async def embed(texts: list[str]) -> np.ndarray:
@@ -207,6 +223,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         )
         self._reembedding[request.collection] = job
         job.add_done_callback(lambda _: self._reembedding.pop(request.collection, None))
+        job.add_done_callback(lambda _: hold.release())
         switched = await asyncio.shield(job)  # a client that goes away does not stop the job
         return index_pb2.ReembedResponse(collection=collection_info(switched))
 
@@ -227,8 +244,10 @@ async def search_query(
         raise invalid("give either text or vector, not both")
     if request.hybrid and not request.text:
         raise invalid("hybrid search needs text (the lexical side matches words)")
+    filters = parse_filters(request.filters, limits, request.skills_all, request.skills_any)
     if request.vector:
         check_vector_model(collection, request.vector_model)
+        check_unit_vector("vector", request.vector)
         vector = as_vector(request.vector)
     elif request.text.strip():
         model = collection_model(registry, collection)
@@ -239,8 +258,8 @@ async def search_query(
     return SearchQuery(
         vector=vector,
         k=k,
-        text=request.text,
-        filters=parse_filters(request.filters),
+        text=cap_query_terms(request.text, limits),
+        filters=filters,
         skills_all=tuple(request.skills_all),
         skills_any=tuple(request.skills_any),
         hybrid=request.hybrid,

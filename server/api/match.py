@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 import numpy as np
 
@@ -18,6 +16,7 @@ from . import rpc
 from .errors import failed_precondition, invalid
 from .index import collection_model
 from .validation import (
+    cap_query_terms,
     check_text_chars,
     occupation_k,
     occupation_text_chars,
@@ -36,10 +35,12 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
         registry: ModelRegistry,
         occupations: OccupationMatcher | None,
         limits: LimitsConfig,
+        pool: rpc.WorkPool,
     ) -> None:
         self._manager = manager
         self._registry = registry
         self._limits = limits
+        self._pool = pool
         self.occupations = occupations  # set once the ROME collection is indexed
 
     async def _embed_query(self, collection: Collection, text: str, deadline: float | None) -> np.ndarray:
@@ -62,7 +63,7 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
         check_text_chars("text", text, occupation_text_chars(self._limits))
         collection = self.occupations.collection
         vector = await self._embed_query(collection, text, call.deadline)
-        scores = await asyncio.to_thread(self.occupations.match, text, vector, k)
+        scores = await self._pool.run(call, self.occupations.match, cap_query_terms(text, self._limits), vector, k)
         return match_pb2.MatchOccupationResponse(
             matches=[
                 match_pb2.OccupationMatch(
@@ -89,10 +90,10 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
         weight = resolve_weight("skill_weight", request.skill_weight, 0.3)
         if not request.text.strip() and not request.skills:
             raise invalid("a profile needs a text or skills")
+        filters = parse_filters(request.filters, self._limits)
         text = request.text.strip() or ", ".join(request.skills)
         vector = await self._embed_query(collection, text, call.deadline)
-        filters = parse_filters(request.filters)
-        scores = await asyncio.to_thread(match_profile, collection, vector, list(request.skills), k, filters, weight)
+        scores = await self._pool.run(call, match_profile, collection, vector, list(request.skills), k, filters, weight)
         return match_pb2.MatchProfileResponse(
             matches=[
                 match_pb2.ProfileMatch(

@@ -8,20 +8,23 @@ id, and sends the request id back in trailing metadata whatever the outcome.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from types import MappingProxyType, ModuleType
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
-from .errors import Status, status_for
+from .errors import RequestError, Status, status_for
 from .validation import Unparsed, request_parser, require_parsed
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,8 @@ MAX_REQUEST_ID_CHARS = 128  # a caller's id is echoed in metadata and logs: keep
 Request = TypeVar("Request", bound=Message)
 Response = TypeVar("Response", bound=Message)
 Metadata = tuple[tuple[str, str], ...]
+Params = ParamSpec("Params")
+Result = TypeVar("Result")
 
 
 @dataclass
@@ -82,6 +87,58 @@ async def fail(context: grpc.aio.ServicerContext, call: Call, status: Status) ->
     context.set_trailing_metadata(call.request_id_metadata())
     await context.abort(status.code, status.message)
     raise AssertionError("grpc's context.abort returned instead of raising")
+
+
+class WorkPool:
+    """Blocking index and SQLite work of the RPC bodies, on threads of its own.
+
+    Apart from asyncio's default pool, which embedding and shutdown use, so a flood of searches
+    cannot starve them; bounded, so a backlog is refused rather than grown. Work whose call was
+    cancelled, or whose deadline passed, while it queued never runs: nobody waits for its answer.
+    """
+
+    def __init__(self, workers: int, max_queue: int) -> None:
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="openemploi-index")
+        self._capacity = workers + max_queue
+        self._lock = threading.Lock()
+        self._in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Calls queued or running."""
+        return self._in_flight
+
+    async def run(self, call: Call, work: Callable[Params, Result], *args: Params.args, **kwargs: Params.kwargs) -> Result:
+        with self._lock:
+            if self._in_flight >= self._capacity:
+                raise RequestError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{self._in_flight} index calls are queued or running, the most this server takes "
+                    "(limits.index_workers + limits.max_index_queue); retry with backoff",
+                )
+            self._in_flight += 1
+        queued_at = time.monotonic()
+
+        def start() -> Result:
+            now = time.monotonic()
+            if call.deadline is not None and now >= call.deadline:
+                raise RequestError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"deadline passed after {now - queued_at:.3f}s waiting for an index worker (limits.index_workers)",
+                )
+            return work(*args, **kwargs)
+
+        future: Future[Result] = self._executor.submit(start)
+        future.add_done_callback(self._release)  # also when cancelled while queued
+        return await asyncio.wrap_future(future)  # cancelling this await cancels the queued work
+
+    def _release(self, _: Future[Any]) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def close(self) -> None:
+        """Drop queued work and wait for the running calls (blocking)."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 UnaryBody = Callable[[Any, Request, Call], Awaitable[Response]]

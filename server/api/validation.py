@@ -10,14 +10,19 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 from google.protobuf.message import Message
 
 from openemploi.v1 import index_pb2
 
 from ..config import LimitsConfig
+from ..index.text import terms
 from .errors import invalid
 
 Filters = tuple[tuple[str, tuple[str, ...]], ...]
+# A caller's vector is scored as a cosine by inner product, so it must be unit length. float16 rounding
+# moves a unit vector's norm by under 5e-4; anything further is not a normalised vector.
+UNIT_NORM_TOLERANCE = 1e-3
 Parsed = TypeVar("Parsed", bound=Message)
 
 
@@ -146,9 +151,27 @@ def check_upsert_documents(documents: Sequence[index_pb2.Document], limits: Limi
         if not doc.vector and not doc.text.strip():
             raise invalid(f"documents[{i}] ({doc.id!r}) needs a text or a vector")
         check_text_chars(f"documents[{i}].text", doc.text, text_chars(limits))
+        if doc.vector:
+            check_unit_vector(f"documents[{i}].vector", doc.vector)
 
 
-def parse_filters(filters: Iterable[index_pb2.Filter]) -> Filters:
+def check_unit_vector(field: str, values: Sequence[float]) -> None:
+    """Refuse rather than normalise: a vector off unit length is a client bug (wrong model output, raw
+    scores) that normalising would hide, and stored as is it would score its norm times a cosine."""
+    norm = float(np.linalg.norm(np.asarray(values, dtype=np.float64)))
+    if not np.isfinite(norm):
+        raise invalid(f"{field} contains NaN or infinity")
+    if abs(norm - 1.0) > UNIT_NORM_TOLERANCE:
+        raise invalid(
+            f"{field} has norm {norm:.6g}; vectors must have unit length (1 ± {UNIT_NORM_TOLERANCE:g}): divide it by its norm"
+        )
+
+
+def parse_filters(filters: Iterable[index_pb2.Filter], limits: LimitsConfig, *skill_lists: Sequence[str]) -> Filters:
+    """The metadata filters, with the filtering skill lists counted against limits.max_filter_terms.
+
+    Each value is one SQL condition: some 1,000 would overflow SQLite's expression tree.
+    """
     parsed = []
     for f in filters:
         if not f.field:
@@ -156,4 +179,17 @@ def parse_filters(filters: Iterable[index_pb2.Filter]) -> Filters:
         if not f.values:
             raise invalid(f"filter on {f.field!r} has no values")
         parsed.append((f.field, tuple(f.values)))
+    count = sum(len(values) for _, values in parsed) + sum(len(skills) for skills in skill_lists)
+    limit = limits.max_filter_terms
+    if count > limit:
+        raise invalid(f"filters and skills hold {count} values, over the limit of {limit} (limits.max_filter_terms)")
     return tuple(parsed)
+
+
+def cap_query_terms(text: str, limits: LimitsConfig) -> str:
+    """The lexical side of a query: its first limits.max_query_terms distinct terms, the rest dropped.
+
+    Truncated, not refused, as the dense side truncates a long query to the model's window: a pasted
+    CV still searches, without OR-ing thousands of FTS terms. Terms re-parse to themselves.
+    """
+    return " ".join(terms(text)[: limits.max_query_terms])

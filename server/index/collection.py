@@ -2,17 +2,15 @@
 
 Writes commit to SQLite first and are acknowledged after the commit; the
 FAISS index then applies the same change. On open, the index snapshot is
-loaded and rows newer than its sequence are replayed; a missing or corrupt
-snapshot is rebuilt from the store with a warning.
+loaded, checked against the store, and rows newer than its sequence are
+replayed; a missing, torn or inconsistent snapshot is rebuilt from the store
+with a warning. Collections live in generation folders (see layout.py).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
-import os
-import re
 import shutil
 import sqlite3
 import threading
@@ -25,13 +23,15 @@ import numpy as np
 
 from openemploi.kernels import RRF_K, fuse_topk, fusion_candidates
 
+from . import layout, snapshot
+from .durable import SWAP_STAGED, SWAP_SWITCHED, crash_point
+from .layout import NAME_PATTERN
 from .store import NewDocument, StorageFull, Store, StoredDocument, storage_full
-from .text import fts_query
+from .text import LEXICAL_FORM_VERSION, fts_query
 from .vectors import MAX_K, GpuPool, IndexParams, VectorIndex
 
 log = logging.getLogger(__name__)
 
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 EXACT_FILTER_MAX = 20_000  # filtered searches over at most this many docs are exact
 
 
@@ -53,6 +53,10 @@ class InvalidQuery(CollectionError):
 
 class CollectionReplaced(CollectionError):
     """The collection object was swapped out (re-embedded or dropped) while a write waited: retry."""
+
+
+class CollectionUnavailable(CollectionError):
+    """The collection is on disk but could not be opened at start: it is set aside, the others serve."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,7 @@ class Collection:
                     "index_params": spec.params.to_json(),
                     "created_at": created,
                     "last_seq": "0",
+                    "lexical_form": LEXICAL_FORM_VERSION,
                 }
             )
             collection = cls(
@@ -152,22 +157,23 @@ class Collection:
             info["created_at"],
         )
         collection = cls(folder, spec, Store(folder / "store.sqlite", spec.dim), gpus)
-        collection._recover()
+        try:
+            refolded = collection.store.refresh_lexical()
+            if refolded:
+                log.warning("collection %s: lexical index rebuilt for the current word folding (%d rows)", spec.name, refolded)
+            collection._recover()
+        except BaseException:
+            collection.store.close()
+            raise
         return collection
 
-    def _snapshot_paths(self) -> tuple[Path, Path]:
-        return self.folder / "index.faiss", self.folder / "index.json"
-
     def _recover(self) -> None:
-        index_path, meta_path = self._snapshot_paths()
         try:
-            meta = json.loads(meta_path.read_text())
-            self.index.load(index_path)
-            if meta.get("dim") != self.spec.dim:
-                raise ValueError("dimension mismatch")
-            seq = int(meta["last_seq"])
+            state, seq = snapshot.read(self.folder, self.spec.dim)
             if seq > self.store.last_seq():
-                raise ValueError(f"snapshot sequence {seq} is ahead of the store ({self.store.last_seq()})")
+                raise snapshot.SnapshotUnusable(f"snapshot sequence {seq} is ahead of the store ({self.store.last_seq()})")
+            snapshot.check_against_store(state, seq, self.store.live_seqs_at(seq), self.spec.dim)
+            self.index.restore(state)
             change = self.store.changes_since(seq)
             self.index.remove(change.removed_ids)
             self.index.add(change.added_ids, change.added_vectors)
@@ -175,7 +181,7 @@ class Collection:
             replayed = len(change.added_ids) + len(change.removed_ids)
             if replayed:
                 log.info("collection %s: replayed %d changes after snapshot %d", self.spec.name, replayed, seq)
-        except Exception as exc:  # missing, truncated or inconsistent snapshot: the store is the truth
+        except Exception as exc:  # missing, torn or inconsistent snapshot: the store is the truth
             log.warning("collection %s: index snapshot unusable (%s); rebuilding from the store", self.spec.name, exc)
             self._rebuild()
         self._applied_seq = self.store.last_seq()
@@ -194,7 +200,7 @@ class Collection:
             self._rebuild()
 
     def snapshot(self) -> None:
-        """Write the index then its sequence, each atomically (write to a temp file, fsync, rename).
+        """Write the index with its sequence as one file, switched by one rename (see snapshot.py).
 
         Under the write lock, so the saved index holds exactly the changes up to the saved sequence:
         replay after a crash then never re-adds a vector the snapshot already has.
@@ -203,30 +209,21 @@ class Collection:
             self._write_snapshot()
 
     def _write_snapshot(self) -> None:
-        """Every temp file is written and synced before any rename: a write that fails (full disk)
-        removes them and leaves the previous snapshot whole, its index and its sequence together."""
-        index_path, meta_path = self._snapshot_paths()
+        """A write that fails (full disk) removes its temp file and leaves the previous snapshot whole.
+
+        Dead rows are purged only once the new snapshot is durable: replay from the previous one needs them.
+        """
         seq = self._applied_seq
-        tmp_index = index_path.with_suffix(".faiss.tmp")
-        tmp_tomb = Path(str(tmp_index) + ".tomb.json")
-        tmp_meta = meta_path.with_suffix(".json.tmp")
-        temps = (tmp_index, tmp_tomb, tmp_meta)
+        temp = snapshot.temp_path(self.folder)
         try:
-            self.index.save(tmp_index)
-            tmp_meta.write_text(json.dumps({"last_seq": seq, "dim": self.spec.dim, "kind": self.index.kind}))
-            for path in temps:
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
+            snapshot.write_temp(self.folder, self.index.state(), seq, self.spec.dim)
         except Exception as exc:
-            full = storage_full(exc, self.folder, f"the index snapshot of {self.spec.name!r} at sequence {seq}", temps)
-            for path in temps:
-                path.unlink(missing_ok=True)
+            full = storage_full(exc, self.folder, f"the index snapshot of {self.spec.name!r} at sequence {seq}", (temp,))
+            temp.unlink(missing_ok=True)
             if full is not None:
                 raise full from exc
             raise
-        os.replace(tmp_tomb, Path(str(index_path) + ".tomb.json"))
-        os.replace(tmp_index, index_path)
-        os.replace(tmp_meta, meta_path)
+        snapshot.switch(self.folder)
         self._snapshot_seq = seq
         try:
             self.store.purge_dead(seq)
@@ -388,25 +385,35 @@ class Collection:
 
 
 class CollectionManager:
-    """All collections under one folder; creation and drop are atomic on disk."""
+    """All collections under one folder; creation, re-embedding switches and drops are atomic on disk.
+
+    Lock order: a collection's write lock, then the manager's lock; the manager's lock is never held
+    while waiting for a write lock, so a re-embed's switch, a drop and a shutdown cannot deadlock.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.gpus = GpuPool()
         self._lock = threading.Lock()
+        self._closed = False
         self._collections: dict[str, Collection] = {}
-        for folder in sorted(self.root.iterdir()):
-            if folder.is_dir() and not folder.name.startswith(".") and (folder / "store.sqlite").is_file():
-                self._collections[folder.name] = Collection.open(folder, self.gpus)
-            elif folder.is_dir() and folder.name.startswith((".creating-", ".reembed-", ".replaced-", ".dropping-")):
-                shutil.rmtree(folder, ignore_errors=True)
+        self._unavailable: dict[str, str] = {}  # name -> why it could not be opened at start
+        for name, folder in layout.recover(self.root).folders.items():
+            try:
+                self._collections[name] = Collection.open(folder, self.gpus)
+            except Exception as exc:  # one broken collection must not keep the others from serving
+                self._unavailable[name] = f"{type(exc).__name__}: {exc}"
+                log.error("collection %s could not be opened and is set aside (%s); the others serve", name, exc)
 
     def create(self, spec: CollectionSpec) -> Collection:
         if not NAME_PATTERN.fullmatch(spec.name):
             raise InvalidQuery(f"collection name {spec.name!r} must match {NAME_PATTERN.pattern}")
+        problems = spec.params.out_of_bounds()
+        if problems:
+            raise InvalidQuery(f"index parameters out of bounds: {problems}")
         with self._lock:
-            if spec.name in self._collections:
+            if spec.name in self._collections or spec.name in self._unavailable:
                 raise CollectionExists(f"collection {spec.name!r} already exists")
             staging = self.root / f".creating-{spec.name}"
             shutil.rmtree(staging, ignore_errors=True)
@@ -416,48 +423,73 @@ class CollectionManager:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
             collection.store.close()
-            os.replace(staging, self.root / spec.name)
-            collection = Collection.open(self.root / spec.name, self.gpus)
+            generation = layout.install(self.root, staging, spec.name)
+            layout.point(self.root, spec.name, generation)
+            collection = Collection.open(generation, self.gpus)
             self._collections[spec.name] = collection
             return collection
 
     def get(self, name: str) -> Collection:
         collection = self._collections.get(name)
         if collection is None:
+            if name in self._unavailable:
+                raise CollectionUnavailable(
+                    f"collection {name!r} could not be opened at start ({self._unavailable[name]}); "
+                    "see the server log, then repair or drop it"
+                )
             raise CollectionNotFound(f"collection {name!r} does not exist (have: {sorted(self._collections)})")
         return collection
 
     def names(self) -> list[str]:
         return sorted(self._collections)
 
-    def replace(self, name: str, staged: Path) -> Collection:
-        """Swap a fully built collection folder in for `name` (the caller holds its write lock)."""
+    def replace(self, name: str, staged: Path, expected: Collection) -> Collection:
+        """Switch `name` to a fully built staging folder, if it still holds `expected`.
+
+        The caller holds `expected`'s write lock. CollectionReplaced when the collection was dropped
+        (and maybe recreated) meanwhile, or the manager closed: the staging folder is then the caller's.
+        """
         with self._lock:
-            old = self.get(name)
-            old.closed = True
-            old.store.close()
-            trash = self.root / f".replaced-{name}"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(self.root / name, trash)
-            os.replace(staged, self.root / name)
-            fresh = Collection.open(self.root / name, self.gpus)
+            if self._closed or self._collections.get(name) is not expected or expected.closed:
+                raise CollectionReplaced(f"collection {name!r} was dropped, replaced or shut down during the re-embedding")
+            generation = layout.install(self.root, staged, name)
+            crash_point(SWAP_STAGED)
+            expected.closed = True
+            expected.store.close()
+            if layout.is_legacy(self.root, name):
+                layout.retire(self.root, self.root / name, name)
+            old_folder = layout.current_folder(self.root, name)
+            layout.point(self.root, name, generation)
+            crash_point(SWAP_SWITCHED)
+            fresh = Collection.open(generation, self.gpus)
             self._collections[name] = fresh
-            shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(old_folder, ignore_errors=True)
             return fresh
 
     def drop(self, name: str) -> None:
-        with self._lock:
-            collection = self.get(name)
-            del self._collections[name]
-            with collection._write_lock:
+        """Take the name away durably, then remove its folder; waits for a write in progress."""
+        while True:
+            with self._lock:
+                if name in self._unavailable:
+                    del self._unavailable[name]
+                    folder = layout.unpoint(self.root, name)
+                    break
+                collection = self.get(name)
+            with collection._write_lock, self._lock:
+                if self._collections.get(name) is not collection:
+                    continue  # switched by a re-embed while we waited: drop the new one
+                del self._collections[name]
                 collection.closed = True
                 collection.store.close()
-            trash = self.root / f".dropping-{name}"
-            os.replace(self.root / name, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+                folder = layout.unpoint(self.root, name)
+                break
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def close(self) -> None:
         with self._lock:
-            for collection in self._collections.values():
-                collection.close()
+            self._closed = True
+            collections = list(self._collections.values())
             self._collections.clear()
+        for collection in collections:
+            collection.close()

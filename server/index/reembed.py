@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .collection import Collection, CollectionManager, CollectionSpec, InvalidQuery
+from .collection import Collection, CollectionManager, CollectionReplaced, CollectionSpec, InvalidQuery
 from .store import NewDocument
 
 log = logging.getLogger(__name__)
@@ -40,13 +40,18 @@ def _documents(rows: list, vectors: np.ndarray) -> list[NewDocument]:
 
 
 async def _copy_since(old: Collection, new: Collection, after: int, embed: EmbedTexts, bar: tqdm) -> int:
-    """Copy live documents changed after sequence `after`; returns the sequence reached."""
+    """Copy live documents changed after sequence `after`; returns the sequence reached.
+
+    That is at least the store's last sequence when the copy began: the changes after the last live
+    row copied may all be deletes, which have no row to copy but are covered (see _drop_deleted).
+    """
+    reached = await asyncio.to_thread(old.store.last_seq)
     while rows := await asyncio.to_thread(_next_rows, old, after):
         vectors = await embed([d.text for d, _ in rows])
         await asyncio.to_thread(new.upsert, _documents(rows, vectors))
         after = rows[-1][0].seq
         bar.update(len(rows))
-    return after
+    return max(after, reached)
 
 
 def _drop_deleted(old: Collection, new: Collection) -> int:
@@ -70,9 +75,14 @@ async def reembed_collection(
         loop = asyncio.get_running_loop()
 
         def final_phase() -> Collection:
-            """In one thread, holding the old collection's write lock: writers wait, searches go on."""
+            """In one thread, holding the old collection's write lock: writers wait, searches go on.
+
+            A drop (or a drop and re-create) that got in first closed `old`: the switch is refused then.
+            """
             after = seen
             with old._write_lock:
+                if old.closed:
+                    raise CollectionReplaced(f"collection {name!r} was dropped or replaced during the re-embedding")
                 while rows := _next_rows(old, after):
                     vectors = asyncio.run_coroutine_threadsafe(embed([d.text for d, _ in rows]), loop).result()
                     new.upsert(_documents(rows, vectors))
@@ -81,7 +91,7 @@ async def reembed_collection(
                 _drop_deleted(old, new)
                 new.snapshot()
                 new.store.close()
-                return manager.replace(name, staging)
+                return manager.replace(name, staging, old)
 
         switched = await asyncio.to_thread(final_phase)
     except BaseException:

@@ -23,7 +23,7 @@ from typing import cast
 
 import numpy as np
 
-from .text import fold_skill
+from .text import LEXICAL_FORM_VERSION, fold_skill, lexical_form
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS info(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -186,6 +186,20 @@ class Store:
     def last_seq(self) -> int:
         return int(self.get_info("last_seq", "0"))
 
+    def refresh_lexical(self) -> int:
+        """Re-index the lexical side when it was built with another `lexical_form`; returns the rows redone.
+
+        The lexical text of a document lives only in the FTS table; its words refold the same way.
+        """
+        if self.get_info("lexical_form") == LEXICAL_FORM_VERSION:
+            return 0
+        with self._transaction() as db:
+            rows = db.execute("SELECT rowid, text FROM fts").fetchall()
+            db.execute("DELETE FROM fts")
+            db.executemany("INSERT INTO fts(rowid, text) VALUES (?, ?)", [(r[0], lexical_form(r[1])) for r in rows])
+            db.execute("INSERT OR REPLACE INTO info(key, value) VALUES ('lexical_form', ?)", (LEXICAL_FORM_VERSION,))
+        return len(rows)
+
     # -- writes -------------------------------------------------------------
     @contextlib.contextmanager
     def _storage_errors(self, what: str = "this write") -> Iterator[None]:
@@ -256,7 +270,7 @@ class Store:
                 )
                 folded = sorted({fold_skill(s) for s in doc.skills if fold_skill(s)})
                 db.executemany("INSERT INTO skills(seq, skill) VALUES (?,?)", [(seq, s) for s in folded])
-                db.execute("INSERT INTO fts(rowid, text) VALUES (?, ?)", (seq, doc.lexical_text or doc.text))
+                db.execute("INSERT INTO fts(rowid, text) VALUES (?, ?)", (seq, lexical_form(doc.lexical_text or doc.text)))
                 added_ids.append(seq)
             db.execute("INSERT OR REPLACE INTO info(key, value) VALUES ('last_seq', ?)", (str(seq),))
         vectors = (
@@ -311,6 +325,15 @@ class Store:
             else np.zeros((0, self.dim), np.float32)
         )
         return Change(ids, vectors, np.asarray([r[0] for r in removed], np.int64), self.last_seq())
+
+    def live_seqs_at(self, seq: int) -> np.ndarray:
+        """The FAISS ids that were live just after change `seq`: what a snapshot at `seq` must hold."""
+        rows = (
+            self._reader()
+            .execute("SELECT seq FROM docs WHERE seq <= ? AND (dead_at IS NULL OR dead_at > ?)", (seq, seq))
+            .fetchall()
+        )
+        return np.asarray([r[0] for r in rows], np.int64)
 
     def live_vectors(self, batch: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         db = self._reader()

@@ -110,5 +110,18 @@ def fts_query(text: str) -> str:
     return " OR ".join(f'"{t}"' for t in terms(text))
 
 
+# Bump when `lexical_form` changes: a store indexed with another version has its lexical side rebuilt at open.
+LEXICAL_FORM_VERSION = "1"
+
+
+def lexical_form(text: str) -> str:
+    """What the lexical index stores: the folded words of `text`, exactly as queries fold theirs.
+
+    FTS5 folds on its own (it keeps 'œ', 'ß' and ligatures, splits on either apostrophe): indexing
+    the words `terms` produces is what lets 'manœuvre' or 'main-d’œuvre' match their queries.
+    """
+    return " ".join(_WORD.findall(fold(text)))
+
+
 def fold_skill(skill: str) -> str:
     return " ".join(_WORD.findall(fold(skill)))

@@ -13,17 +13,24 @@ import logging
 import math
 import threading
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
+
+from .snapshot import IndexState
 
 log = logging.getLogger(__name__)
 
 MAX_K = 2048  # the deepest search the index runs; limits.max_k, what callers may ask, stays within it
 KINDS = ("auto", "flat", "hnsw", "ivf")
 IVF_MIN_TRAIN = 10_000
+# Bounds a new collection's parameters must stay within: past them FAISS fails to train or to allocate
+# only once documents arrive, after their write has committed.
+FLAT_MAX_LIMIT = 100_000_000
+HNSW_M_RANGE = (4, 128)
+HNSW_EF_LIMIT = 4 * MAX_K  # ef_search and ef_construction
+IVF_NLIST_LIMIT = 16_384  # and at most the vectors it trains on (see VectorIndex.rebuild)
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,22 @@ class IndexParams:
             raise ValueError(f"index kind must be one of {KINDS}, got {self.kind!r}")
         if self.flat_max < 1 or self.hnsw_m < 4 or self.hnsw_ef_search < 1 or self.ivf_nprobe < 1 or self.ivf_nlist < 0:
             raise ValueError("index parameters must be positive (hnsw_m >= 4)")
+
+    def out_of_bounds(self) -> str:
+        """Why these parameters are refused for a new collection, or "" when they are within bounds."""
+        bounds = {
+            "flat_max": (self.flat_max, 1, FLAT_MAX_LIMIT),
+            "hnsw_m": (self.hnsw_m, *HNSW_M_RANGE),
+            "hnsw_ef_search": (self.hnsw_ef_search, 1, HNSW_EF_LIMIT),
+            "hnsw_ef_construction": (self.hnsw_ef_construction, 1, HNSW_EF_LIMIT),
+            "ivf_nlist": (self.ivf_nlist, 0, IVF_NLIST_LIMIT),
+            "ivf_nprobe": (self.ivf_nprobe, 1, IVF_NLIST_LIMIT),
+        }
+        return "; ".join(
+            f"{name} must be between {low} and {high}, got {value}"
+            for name, (value, low, high) in bounds.items()
+            if not low <= value <= high
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -116,7 +139,10 @@ class VectorIndex:
         vectors = np.concatenate(vectors_all) if vectors_all else np.zeros((0, self.dim), np.float32)
         nlist = 0
         if kind == "ivf":
-            nlist = self.params.ivf_nlist or max(16, int(4 * math.sqrt(max(len(ids), 1))))
+            wanted = self.params.ivf_nlist or max(16, int(4 * math.sqrt(max(len(ids), 1))))
+            nlist = max(1, min(wanted, len(ids)))  # k-means cannot make more lists than it has vectors
+            if nlist < wanted:
+                log.warning("index %s: %d IVF lists asked, %d vectors to train on: using %d", self._name, wanted, len(ids), nlist)
         fresh = self._empty(kind, nlist)
         if kind == "ivf":
             sample = vectors[np.random.default_rng(0).permutation(len(vectors))[: nlist * 64]]
@@ -215,20 +241,16 @@ class VectorIndex:
             return self._gpu_copy.search(queries, k)
 
     # -- persistence ------------------------------------------------------------
-    def save(self, path: Path) -> None:
+    def state(self) -> IndexState:
+        """A consistent view of the index for a snapshot (taken under the index lock)."""
         with self._lock:
-            faiss.write_index(self._index, str(path))
-            tombstones = sorted(self._tombstones)
-            kind = self.kind
-        Path(str(path) + ".tomb.json").write_text(json.dumps({"kind": kind, "tombstones": tombstones}))
+            return IndexState(self.kind, self._index, frozenset(self._tombstones))
 
-    def load(self, path: Path) -> None:
-        index = faiss.read_index(str(path))
-        side = json.loads(Path(str(path) + ".tomb.json").read_text())
-        if index.d != self.dim:
-            raise ValueError(f"snapshot has dim {index.d}, collection has {self.dim}")
+    def restore(self, state: IndexState) -> None:
+        if state.index.d != self.dim:
+            raise ValueError(f"snapshot has dim {state.index.d}, collection has {self.dim}")
         with self._lock:
-            self._index = index
-            self.kind = side["kind"]
-            self._tombstones = set(side["tombstones"])
+            self._index = state.index
+            self.kind = state.kind
+            self._tombstones = set(state.tombstones)
             self._gpu_dirty = True

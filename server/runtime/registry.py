@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,11 +21,24 @@ import numpy as np
 from ..backends.base import BackendKind, Encoder
 from ..backends.options import BackendConfig
 from ..backends.select import open_encoder
-from ..batching import BatcherConfig, BatchStats, DynamicBatcher
-from ..tokenize import TextKind, TextTokenizer, TokenizedText, TokenizerConfig
+from ..batching import BatcherConfig, BatchStats, DeadlineExceededError, DynamicBatcher
+from ..tokenize import TextKind, TextTokenizer, TokenizedText, TokenizerConfig, TokenizingStopped
 from .repository import ModelNotFound, ModelRepository, ModelVersion
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteEmbeddingError(RuntimeError):
+    """The backend returned NaN or infinite vectors (e.g. an fp16 overflow): they must reach no client and no collection."""
+
+    def __init__(self, model: str, version: str, indices: list[int]) -> None:
+        shown = indices[:10]
+        more = f" and {len(indices) - len(shown)} more" if len(indices) > len(shown) else ""
+        super().__init__(
+            f"model {model}/{version} produced non-finite vectors for texts {shown}{more}; nothing was returned or stored "
+            "(a numeric overflow in the backend: report it, or serve the model in fp32)"
+        )
+        self.indices = indices
 
 
 @dataclass(frozen=True)
@@ -43,7 +58,10 @@ class LoadedModel:
     tokenizer: TextTokenizer
     encoder: Encoder
     batcher: DynamicBatcher
+    tokenizing: Executor | None = None  # where texts are tokenised; None: the event loop's default executor
+    report_nonfinite: Callable[[int], None] | None = None  # told how many texts came out non-finite
     users: int = 0  # embed() calls in progress: a version is unloaded only at zero
+    holders: int = 0  # collections being created or re-embedded with this version: never unloaded while > 0
     state: str = "current"
 
     @property
@@ -55,17 +73,45 @@ class LoadedModel:
         return self.version.dim
 
     async def embed(self, texts: list[str], kind: TextKind, truncate: bool = True, deadline: float | None = None) -> EmbedResult:
-        """Tokenise in the caller's task (so errors name the text), then queue on the batcher."""
+        """Tokenise in a worker thread (the loop keeps answering), queue on the batcher, refuse non-finite rows."""
         self.users += 1
         try:
             started = time.perf_counter()
-            tokens = self.tokenizer.encode(texts, kind, truncate=truncate)
+            tokens = await self._tokenize(texts, kind, truncate, deadline)
             tokenize_s = time.perf_counter() - started
             result = await self.batcher.submit([t.ids for t in tokens], deadline=deadline)
         finally:
             self.users -= 1
         normalized, pooled = result.outputs
+        self._refuse_non_finite(normalized, pooled)
         return EmbedResult(normalized, pooled, tokens, tokenize_s, result.queue_s, result.inference_s, result.batches)
+
+    async def _tokenize(self, texts: list[str], kind: TextKind, truncate: bool, deadline: float | None) -> list[TokenizedText]:
+        """The caller gets DEADLINE_EXCEEDED at its deadline; the worker stops at its next chunk."""
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceededError(f"model {self.name}: deadline already passed before tokenising")
+        stop = threading.Event()
+        job = asyncio.get_running_loop().run_in_executor(
+            self.tokenizing,
+            lambda: self.tokenizer.encode(texts, kind, truncate, precut=True, deadline=deadline, stop=stop),
+        )
+        try:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return await asyncio.wait_for(job, timeout)
+        except (TimeoutError, TokenizingStopped) as exc:
+            raise DeadlineExceededError(f"model {self.name}: deadline passed while tokenising {len(texts)} texts") from exc
+        finally:
+            stop.set()
+
+    def _refuse_non_finite(self, normalized: np.ndarray, pooled: np.ndarray) -> None:
+        finite = np.isfinite(normalized).all(axis=1) & np.isfinite(pooled).all(axis=1)
+        if finite.all():
+            return
+        indices = np.flatnonzero(~finite).tolist()
+        log.error("model %s/%s produced non-finite vectors for %d texts", self.name, self.version.version, len(indices))
+        if self.report_nonfinite is not None:
+            self.report_nonfinite(len(indices))
+        raise NonFiniteEmbeddingError(self.name, self.version.version, indices)
 
 
 def warm_up(model: LoadedModel) -> None:
@@ -88,12 +134,38 @@ class ModelInUse(RuntimeError):
     """Unloading this model would break the default model or a collection."""
 
 
+class ModelHold:
+    """Keeps one loaded version from being unloaded while work that will bind a collection to it runs.
+
+    Taken in the same step as the lookup (no await between), so a swap either happens before and
+    the hold gets the new version, or after and retirement sees the hold: it keeps the version.
+    """
+
+    def __init__(self, registry: ModelRegistry, model: LoadedModel) -> None:
+        self.model = model
+        self._registry = registry
+        self._released = False
+        model.holders += 1
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._registry._release(self.model)
+
+    def __enter__(self) -> LoadedModel:
+        return self.model
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
+
+
 class ModelRegistry:
     """Loaded versions by (name, version), the current version of each name, and the default name.
 
     Swaps are atomic for new traffic: `get` reads one dict entry, and nothing awaits between a
     caller's `get` and its `embed`, so once `load` switches `current`, no new request reaches the
-    old version; it is unloaded when its in-flight calls reach zero (unless a collection pins it).
+    old version; it is unloaded when its in-flight calls reach zero, unless a collection pins it
+    or a `hold` keeps it (a collection being created or re-embedded with it).
     """
 
     DRAIN_POLL_S = 0.05
@@ -106,6 +178,8 @@ class ModelRegistry:
         default_model: str,
         on_batch=None,
         pinned: Callable[[], set[tuple[str, str]]] | None = None,
+        tokenize_threads: int = 2,
+        on_nonfinite: Callable[[str, str, int], None] | None = None,
     ) -> None:
         self.repository = repository
         self._batching = batching
@@ -113,6 +187,9 @@ class ModelRegistry:
         self.default_model = default_model
         self._on_batch = on_batch
         self._pinned = pinned or (lambda: set())
+        self._on_nonfinite = on_nonfinite
+        # Shared by every version, so a burst of huge requests cannot take more cores than this from inference.
+        self._tokenizing = ThreadPoolExecutor(tokenize_threads, thread_name_prefix="tokenize")
         self._current: dict[str, LoadedModel] = {}
         self._all: dict[tuple[str, str], LoadedModel] = {}
         self._retiring: set[asyncio.Task] = set()
@@ -155,11 +232,31 @@ class ModelRegistry:
             )
             return model
 
-    def _retire(self, model: LoadedModel) -> None:
+    def hold(self, name: str = "", version: str = "") -> ModelHold:
+        """`get`, and keep that version loaded until the hold is released (a context manager)."""
+        return ModelHold(self, self.get(name, version))
+
+    def _release(self, model: LoadedModel) -> None:
+        model.holders -= 1
         key = (model.name, model.version.version)
+        swapped_out = self._all.get(key) is model and self._current.get(model.name) is not model
+        if model.holders == 0 and swapped_out and model.state != "draining":
+            self._retire(model)  # unload it now unless a collection pins it
+
+    def _kept(self, model: LoadedModel) -> bool:
+        """Whether a version that is no longer current must stay loaded; says why in the log."""
+        key = (model.name, model.version.version)
+        if model.holders:
+            log.info("model %s/%s stays loaded: a collection is being created or re-embedded with it", *key)
+            return True
         if key in self._pinned():
-            model.state = "serving"
             log.info("model %s/%s stays loaded: a collection holds its vectors", *key)
+            return True
+        return False
+
+    def _retire(self, model: LoadedModel) -> None:
+        if self._kept(model):
+            model.state = "serving"
             return
         self._start_draining(model)
 
@@ -174,6 +271,9 @@ class ModelRegistry:
             await asyncio.sleep(self.DRAIN_POLL_S)
         key = (model.name, model.version.version)
         if self._all.get(key) is model and self._current.get(model.name) is not model:
+            if self._kept(model):  # held or pinned while it drained
+                model.state = "serving"
+                return
             del self._all[key]
             await model.batcher.stop(drain=True)
             model.encoder.close()
@@ -191,6 +291,8 @@ class ModelRegistry:
                     raise ModelInUse(f"{name} is the default model; SetDefault to another model first")
                 if key in pinned:
                     raise ModelInUse(f"collections hold vectors of {key[0]}/{key[1]}; drop or re-embed them first")
+                if model.holders:
+                    raise ModelInUse(f"a collection is being created or re-embedded with {key[0]}/{key[1]}; retry when done")
             for model in targets:
                 if self._current.get(name) is model:
                     del self._current[name]
@@ -223,9 +325,15 @@ class ModelRegistry:
             max_batch_tokens=max(self._batching.max_batch_tokens, built.max_tokens),
         )
         batcher = DynamicBatcher(encoder.encode, config, name=f"{built.name}/{built.version}", on_batch=self._stats(built))
-        model = LoadedModel(built, tokenizer, encoder, batcher)
+        model = LoadedModel(built, tokenizer, encoder, batcher, self._tokenizing, self._nonfinite_reporter(built))
         warm_up(model)
         return model
+
+    def _nonfinite_reporter(self, built: ModelVersion) -> Callable[[int], None] | None:
+        callback = self._on_nonfinite
+        if callback is None:
+            return None
+        return lambda texts: callback(built.name, built.version, texts)
 
     def _stats(self, built: ModelVersion):
         if self._on_batch is None:
@@ -263,3 +371,4 @@ class ModelRegistry:
             model.encoder.close()
         self._all.clear()
         self._current.clear()
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)

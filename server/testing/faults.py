@@ -12,6 +12,9 @@ run that appends a CycleReport to `run.reports`:
   from the store and pass the same checks;
 * graceful_cycle: SIGTERM (drain, snapshot, exit 0), then a restart; the snapshot it leaves holds
   vectors, so a later truncation cuts through real data and later kills replay onto it;
+* snapshot_kill_cycle: the server is restarted armed to SIGKILL itself at one step of its index
+  snapshot (openemploi.index.durable's crash points: temp file written, or renamed but the folder
+  not fsynced), then SIGTERMed: its shutdown snapshot dies at that step;
 * client_faults.storm_cycle, model_faults.model_swap_cycle, disk_faults.disk_full_cycle: a client
   disconnect storm, model loads failing mid-swap, a full disk.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -37,6 +41,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from openemploi.index.durable import SNAPSHOT_WRITTEN, set_crash_hook
 from openemploi.v1 import index_pb2 as ipb
 from openemploi.v1 import index_pb2_grpc as ipb_grpc
 
@@ -45,6 +50,7 @@ from .verify import RPC_TIMEOUT_S, collection_size, fetch, same_content, searcha
 from .workload import COLLECTION, Doc, Workload
 
 KILL_AFTER_S = (0.2, 2.0)
+CRASH_AT_ENV = "OPENEMPLOI_TEST_CRASH_AT"  # read by this module's __main__ only: the crash point to die at
 REBUILD_MARK = "index snapshot unusable"  # the warning Collection._recover logs before rebuilding
 INDEX_KINDS = {"auto": ipb.INDEX_KIND_AUTO, "flat": ipb.FLAT, "hnsw": ipb.HNSW}
 
@@ -103,6 +109,7 @@ class CycleReport:
 
 FAULT_KILL = "SIGKILL during upserts"
 FAULT_TRUNCATE = "SIGKILL + truncated index.faiss"
+FAULT_SNAPSHOT_KILL = "SIGKILL between index snapshot steps"
 FAULT_STORM = "client disconnect storm (EmbedStream)"
 FAULT_SIGTERM = "SIGTERM (graceful restart)"
 FAULT_SWAP = "model load failing mid-swap"
@@ -380,3 +387,43 @@ def _check_rebuilt(run: ChaosRun, report: CycleReport) -> None:
         report.problems.append(f"index.faiss was not rewritten by the rebuild (size {size})")
     else:
         report.notes.append(f"snapshot rebuilt from the store ({size} bytes)")
+
+
+def snapshot_kill_cycle(run: ChaosRun, step: str = SNAPSHOT_WRITTEN, duration_s: float | None = None) -> CycleReport:
+    """Restart armed to SIGKILL itself at `step` of an index snapshot, upsert, SIGTERM (whose shutdown
+    snapshot then dies there), restart unarmed, check everything."""
+    report = run.new_report(FAULT_SNAPSHOT_KILL)
+    run.server.stop(grace_s=30.0)
+    command, run.server.command = run.server.command, [sys.executable, "-P", "-m", "openemploi.testing.faults", "serve"]
+    run.server.extra_env[CRASH_AT_ENV] = step
+    try:
+        if not run.restart(report):
+            return report
+        run.upsert_for(report, kill=False, duration_s=duration_s)
+        status = run.server.stop(grace_s=30.0)
+    finally:
+        run.server.command = command
+        del run.server.extra_env[CRASH_AT_ENV]
+    report.killed = True
+    if status != -signal.SIGKILL:
+        report.problems.append(f"the server armed for {step!r} exited with {status}, not SIGKILL:\n{run.server.log_tail(10)}")
+    report.notes.append(f"shutdown snapshot killed at {step!r}")
+    if not run.restart(report):
+        return report
+    with grpc.insecure_channel(run.server.address) as channel:
+        run.check_all(ipb_grpc.IndexServiceStub(channel), report)
+    run.log(report.describe())
+    return report
+
+
+def _serve_armed() -> int:
+    """`openemploi serve` that SIGKILLs itself at the crash point named by CRASH_AT_ENV."""
+    from openemploi.cli import main
+
+    step = os.environ.get(CRASH_AT_ENV, "")
+    set_crash_hook(lambda at: os.kill(os.getpid(), signal.SIGKILL) if at == step else None)
+    return main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(_serve_armed())

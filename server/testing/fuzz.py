@@ -2,8 +2,9 @@
 
 Hypothesis generates requests for every RPC (Embed, EmbedStream, the IndexService, the
 MatchService, the ModelService): French and random Unicode texts, empty and blank texts,
-huge lists, NaN / infinite / wrong-dimension / zero vectors, negative and huge k, unknown
-enum values, random filters, collection and model names. A share of them is then broken
+huge lists, NaN / infinite / wrong-dimension / zero / non-unit vectors, negative and huge k
+(at and past the server's limits), unknown enum values, random and maximal filter lists,
+maximal hybrid queries, collection and model names. A share of them is then broken
 at the byte level (invalid UTF-8 in any string field, truncated, random garbage, flipped
 bytes, wrong wire types, unknown fields, over-size messages); openemploi.testing.fuzz_driver
 sends the bytes and keeps score. The only module of openemploi.testing that imports hypothesis.
@@ -76,6 +77,9 @@ def text_lists(ctx: Context) -> st.SearchStrategy[list[str]]:
     )
 
 
+SCALES = {"x10": 10.0, "x0.1": 0.1, "x1.01": 1.01, "x1.0005": 1.0005}  # off unit length, and one within tolerance
+
+
 def vectors() -> st.SearchStrategy[list[float]]:
     def make(dim: int, poison: str, seed: int) -> list[float]:
         rng = np.random.default_rng(seed)
@@ -89,6 +93,8 @@ def vectors() -> st.SearchStrategy[list[float]]:
                 v[:] = 3e38
             elif poison == "tiny":
                 v[:] = 1e-45
+            elif poison in SCALES:
+                v *= SCALES[poison]
             else:
                 v[i] = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}[poison]
         return v.tolist()
@@ -96,14 +102,26 @@ def vectors() -> st.SearchStrategy[list[float]]:
     return st.builds(
         make,
         st.sampled_from([384] * 5 + [0, 1, 383, 385, 768]),
-        st.sampled_from(["none"] * 6 + ["nan", "inf", "-inf", "zero", "huge", "tiny"]),
+        st.sampled_from(["none"] * 6 + ["nan", "inf", "-inf", "zero", "huge", "tiny", *SCALES]),
         st.integers(0, 2**32 - 1),
     )
 
 
-def ints32() -> st.SearchStrategy[int]:
-    """k: mostly usual values, sometimes the edges, negative or huge."""
-    return mostly(st.integers(1, 50), st.sampled_from([0, 100, 101, 2048, 2049, -1]), st.integers(-(2**31), 2**31 - 1))
+def ints32(ctx: Context) -> st.SearchStrategy[int]:
+    """k: mostly usual values, sometimes the edges of the server's limits, negative or huge."""
+    limits = ctx.limits
+    edges = [0, limits.match_max_k, limits.match_max_k + 1, limits.max_k, limits.max_k + 1, -1]
+    return mostly(st.integers(1, 50), st.sampled_from(edges), st.integers(-(2**31), 2**31 - 1))
+
+
+def maximal_query_texts(ctx: Context) -> st.SearchStrategy[str]:
+    """Distinct words at, just past and far past limits.max_query_terms (a pasted document as a query)."""
+    cap = ctx.limits.max_query_terms
+    return st.builds(
+        lambda n, first: " ".join([first, *(f"mot{i}" for i in range(n))]),
+        st.sampled_from([cap - 1, cap, 17_000]),
+        st.sampled_from(ctx.texts[:5] or ("Boulanger",)),
+    )
 
 
 def enums(valid: Sequence[int]) -> st.SearchStrategy[int]:
@@ -144,23 +162,36 @@ def short_texts() -> st.SearchStrategy[str]:
     return st.one_of(st.text(max_size=12), st.sampled_from(["CDI", "Lyon", "Paris", ""]))
 
 
+def maximal_counts(ctx: Context) -> st.SearchStrategy[int]:
+    """At and just past limits.max_filter_terms, and the ~1,000 that overflowed SQLite's expression tree."""
+    cap = ctx.limits.max_filter_terms
+    return st.sampled_from([cap, cap + 1, 1_000])
+
+
 def filters(ctx: Context, message: type) -> st.SearchStrategy[list]:
     one = st.builds(
         lambda f, v: message(field=f, values=v),
         st.one_of(st.sampled_from(ctx.fields), st.text(max_size=10)),
         st.lists(short_texts(), max_size=3),
     )
-    return mostly(st.just([]), st.lists(one, min_size=1, max_size=3))
+    maximal = st.builds(lambda n, f: [message(field=f, values=["Lyon"])] * n, maximal_counts(ctx), st.sampled_from(ctx.fields))
+    return mostly(st.just([]), st.lists(one, min_size=1, max_size=3), maximal)
 
 
 def skill_lists(ctx: Context) -> st.SearchStrategy[list[str]]:
     pool = st.sampled_from(ctx.skills) if ctx.skills else st.just("python")
-    return mostly(st.lists(pool, max_size=4), st.lists(st.one_of(pool, st.text(max_size=15)), max_size=6))
+    return mostly(
+        st.lists(pool, max_size=4),
+        st.lists(st.one_of(pool, st.text(max_size=15)), max_size=6),
+        st.builds(lambda n: [f"competence {i}" for i in range(n)], maximal_counts(ctx)),
+    )
 
 
 def documents(ctx: Context) -> st.SearchStrategy[index_pb2.Document]:
-    def make(id_: str, text: str, vector: list[float] | None, metadata: dict, skills: list[str]) -> index_pb2.Document:
-        doc = index_pb2.Document(id=id_, text=text, metadata=metadata, skills=skills)
+    def make(
+        id_: str, text: str, vector: list[float] | None, metadata: dict, skills: list[str], vector_model: str
+    ) -> index_pb2.Document:
+        doc = index_pb2.Document(id=id_, text=text, metadata=metadata, skills=skills, vector_model=vector_model)
         if vector is not None:
             doc.vector.extend(vector)
         return doc
@@ -172,6 +203,7 @@ def documents(ctx: Context) -> st.SearchStrategy[index_pb2.Document]:
         weighted((2, st.none()), (1, vectors())),
         st.dictionaries(st.one_of(st.sampled_from(ctx.fields), st.text(max_size=8)), short_texts(), max_size=3),
         skill_lists(ctx),
+        mostly(st.just(""), st.sampled_from([ctx.model, f"{ctx.model}/not-a-version", "all-MiniLM-L6-v2"])),
     )
 
 
@@ -267,26 +299,47 @@ def messages(ctx: Context) -> dict[str, st.SearchStrategy]:
             id_lists(),
             st.booleans(),
         ),
-        "Search": st.builds(
-            search,
-            collection_names(ctx, writable=False),
-            mostly(texts(ctx), st.just("")),
-            weighted((2, st.none()), (1, vectors())),
-            st.sampled_from([False] * 4 + [True]),
-            mostly(st.just(""), model_names(ctx)),
-            ints32(),
-            filters(ctx, index_pb2.Filter),
-            skill_lists(ctx),
-            skill_lists(ctx),
-            weighted((3, st.just(False)), (1, st.just(True))),
-            enums((0, 1)),
-            unit_floats(),
-            st.booleans(),
+        "Search": weighted(
+            (
+                5,
+                st.builds(
+                    search,
+                    collection_names(ctx, writable=False),
+                    mostly(texts(ctx), st.just("")),
+                    weighted((2, st.none()), (1, vectors())),
+                    st.sampled_from([False] * 4 + [True]),
+                    mostly(st.just(""), model_names(ctx)),
+                    ints32(ctx),
+                    filters(ctx, index_pb2.Filter),
+                    skill_lists(ctx),
+                    skill_lists(ctx),
+                    weighted((3, st.just(False)), (1, st.just(True))),
+                    enums((0, 1)),
+                    unit_floats(),
+                    st.booleans(),
+                ),
+            ),
+            (
+                1,
+                st.builds(  # a maximal hybrid query: thousands of words, maximal filters, the largest k
+                    lambda text, flt, s_all, k: index_pb2.SearchRequest(
+                        collection=ctx.base, text=text, hybrid=True, filters=flt, skills_all=s_all, k=k
+                    ),
+                    maximal_query_texts(ctx),
+                    filters(ctx, index_pb2.Filter),
+                    skill_lists(ctx),
+                    st.sampled_from([10, ctx.limits.max_k]),
+                ),
+            ),
         ),
         "Reembed": st.builds(
             lambda c, m: index_pb2.ReembedRequest(collection=c, model=m), collection_names(ctx, writable=True), model_names(ctx)
         ),
-        "MatchOccupation": st.builds(lambda t, k: match_pb2.MatchOccupationRequest(text=t, k=k), texts(ctx), ints32()),
+        "MatchOccupation": st.builds(
+            lambda t, k: match_pb2.MatchOccupationRequest(text=t, k=k),
+            weighted((5, texts(ctx)), (1, maximal_query_texts(ctx))),
+            ints32(ctx),
+        ),
         "MatchProfile": st.builds(
             lambda c, t, s, k, f, w: match_pb2.MatchProfileRequest(
                 collection=c, text=t, skills=s, k=k, filters=f, skill_weight=w
@@ -294,7 +347,7 @@ def messages(ctx: Context) -> dict[str, st.SearchStrategy]:
             collection_names(ctx, writable=False),
             mostly(texts(ctx), st.just("")),
             skill_lists(ctx),
-            ints32(),
+            ints32(ctx),
             filters(ctx, index_pb2.Filter),
             unit_floats(),
         ),

@@ -27,6 +27,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from openemploi.v1 import embedding_pb2, index_pb2, match_pb2, models_pb2
 
+from ..config import LimitsConfig
+
 ALLOWED: frozenset[StatusCode] = frozenset(
     {
         StatusCode.OK,
@@ -151,6 +153,7 @@ class Context:
     texts: tuple[str, ...] = ()  # French corpus
     skills: tuple[str, ...] = ()
     fields: tuple[str, ...] = ("ville", "contrat")  # metadata fields of the base documents
+    limits: LimitsConfig = field(default_factory=LimitsConfig)  # the server's, for requests at and just past each
 
 
 def french_texts() -> tuple[str, ...]:
@@ -359,6 +362,13 @@ def base_documents(ctx: Context, n: int = 40) -> list[index_pb2.Document]:
     return docs
 
 
-def make_context(base: str = "fuzz-base") -> Context:
+def make_context(base: str = "fuzz-base", limits: LimitsConfig | None = None) -> Context:
+    """`limits`: the server's (default: the defaults), so edge cases sit at its limits, not at guessed ones."""
     skills = ("Python", "SQL", "CACES R489", "HACCP", "soins d'hygiène", "permis B", "anglais", "gestion des stocks")
-    return Context(base=base, scratch=("fuzz-a", "fuzz-b", "fuzz_c"), texts=french_texts(), skills=skills)
+    return Context(
+        base=base,
+        scratch=("fuzz-a", "fuzz-b", "fuzz_c"),
+        texts=french_texts(),
+        skills=skills,
+        limits=limits or LimitsConfig(),
+    )

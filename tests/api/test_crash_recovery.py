@@ -17,7 +17,8 @@ import sys
 import pytest
 from harness import REPO_ROOT
 
-from openemploi.testing.faults import FAULT_KILL, FAULT_TRUNCATE, ChaosRun, graceful_cycle, kill_cycle
+from openemploi.index.durable import SNAPSHOT_RENAMED, SNAPSHOT_WRITTEN
+from openemploi.testing.faults import FAULT_KILL, FAULT_TRUNCATE, ChaosRun, graceful_cycle, kill_cycle, snapshot_kill_cycle
 from openemploi.testing.launcher import ServerProcess, server_env
 
 SEED = 20260101
@@ -72,6 +73,21 @@ def test_hnsw_documents_replayed_after_a_sigkill_stay_searchable(default_version
         # tombstoned what it adds would go unseen past that share, so this one stays under it.
         assert replayed < 0.2 * (len(run.acknowledged) + report.in_flight_committed), f"{replayed} replayed documents"
         assert report.survived, report.describe()
+    finally:
+        run.close()
+
+
+def test_a_sigkill_between_the_steps_of_a_shutdown_snapshot_loses_nothing(default_version, tmp_path):
+    """The server dies (by its own crash point) inside its shutdown snapshot: after the temp file is
+    written, then after the rename but before the folder fsync. Each restart must hold every document."""
+    run = ChaosRun(tmp_path / "chaos-snapshot", REPO_ROOT / "models", seed=SEED + 2, log=log)
+    try:
+        run.setup()
+        run.fill(10)
+        for step in (SNAPSHOT_WRITTEN, SNAPSHOT_RENAMED):
+            report = snapshot_kill_cycle(run, step, duration_s=0.5)
+            assert report.survived, report.describe()
+            assert report.new_acknowledged > 0
     finally:
         run.close()
 

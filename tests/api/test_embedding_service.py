@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from harness import DEFAULT_MODEL, MAX_MESSAGE_BYTES, ServerThread, expect, make_config
 
+from openemploi.api.embedding import EmbeddingServicer
+from openemploi.api.errors import RequestError
 from openemploi.backends.base import BackendKind, Device
 from openemploi.backends.options import BackendConfig
 from openemploi.backends.select import open_encoder
@@ -234,3 +237,80 @@ def test_graceful_shutdown_finishes_in_flight_work(default_version):
     details = expect(lambda: stub.Embed(pb.EmbedRequest(texts=["trop tard"]), timeout=5), grpc.StatusCode.UNAVAILABLE)
     assert details
     channel.close()
+
+
+class GatedTokenizer:
+    """Stands in for a model's TextTokenizer: the first encode waits for `release` after setting `entered`."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def encode(self, *args, **options):
+        if not self.entered.is_set():
+            self.entered.set()
+            self.release.wait(60)
+        return self._inner.encode(*args, **options)
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
+def test_health_answers_while_a_request_is_blocked_in_the_tokenizer(server, stub):
+    """Tokenising runs off the event loop: a request stuck in the tokenizer cannot stall health checks."""
+    model = server.running.registry.get()
+    gate = GatedTokenizer(model.tokenizer)
+    model.tokenizer = gate
+    try:
+        pending = stub.Embed.future(pb.EmbedRequest(texts=["Boulanger / Boulangère"]), timeout=120)
+        assert gate.entered.wait(60)
+        with grpc.insecure_channel(server.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        assert not pending.done()
+        gate.release.set()
+        assert pending.result(60).dim == 384
+    finally:
+        gate.release.set()
+        model.tokenizer = gate._inner
+
+
+def test_total_characters_over_limits_max_request_chars_are_refused_naming_the_key(server):
+    limits = dataclasses.replace(server.running.config.limits, max_request_chars=1000)
+    servicer = EmbeddingServicer(server.running.registry, limits)
+    servicer.validate(pb.EmbedRequest(texts=["a" * 500, "b" * 500]))
+    with pytest.raises(RequestError) as info:
+        servicer.validate(pb.EmbedRequest(texts=["a" * 500, "b" * 501]))
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "1001 characters" in info.value.message and "limits.max_request_chars" in info.value.message
+
+
+def test_a_non_finite_vector_is_never_served_and_is_counted(server, stub):
+    """An fp16 overflow gives NaN rows: the request fails with INTERNAL naming the text, nothing is returned."""
+    model = server.running.registry.get()
+    batcher = model.batcher
+    inner = batcher._run_batch
+
+    def overflowing(input_ids, attention_mask):
+        normalized, pooled = inner(input_ids, attention_mask)
+        long_rows = attention_mask.sum(axis=1) > 20
+        normalized[long_rows] = np.nan
+        pooled[long_rows] = np.inf
+        return normalized, pooled
+
+    metric = server.running.metrics.nonfinite_vectors.labels(DEFAULT_MODEL, model.version.version)
+    before = metric._value.get()
+    batcher._run_batch = overflowing
+    try:
+        long_text = "Conducteur / Conductrice de travaux tous corps d'état, expérience en réhabilitation de logements"
+        details = expect(
+            lambda: stub.Embed(pb.EmbedRequest(texts=["court", long_text], encoding=pb.RAW_FLOAT32), timeout=30),
+            grpc.StatusCode.INTERNAL,
+        )
+        assert "non-finite" in details and "[1]" in details
+        assert np.all(np.isfinite(vectors_of(stub.Embed(pb.EmbedRequest(texts=["court"]), timeout=30))))
+    finally:
+        batcher._run_batch = inner
+    assert metric._value.get() == before + 1

@@ -6,21 +6,28 @@ The strategies and the driver live in openemploi.testing (`make fuzz` runs 10,00
 from __future__ import annotations
 
 import grpc
+import numpy as np
 import pytest
-from harness import ServerThread, make_config
-from hypothesis import HealthCheck, given, settings
+from harness import MAX_MESSAGE_BYTES, ServerThread, make_config
+from hypothesis import HealthCheck, Phase, given, settings
 
-from openemploi.testing.fuzz import cases
+from openemploi.config import LimitsConfig
+from openemploi.testing.fuzz import cases, messages
 from openemploi.testing.fuzz_driver import Driver, base_documents, make_context, nested
 from openemploi.v1 import embedding_pb2, models_pb2
 
-CTX = make_context("fuzz-base")
+# the harness's limits, with small query and filter caps so the fuzz reaches past them cheaply
+LIMITS = LimitsConfig(
+    max_texts_per_request=64, max_message_bytes=MAX_MESSAGE_BYTES, max_text_chars=20_000, stream_window=4,
+    max_query_terms=32, max_filter_terms=48,
+)  # fmt: skip
+CTX = make_context("fuzz-base", LIMITS)
 EXAMPLES = 300
 
 
 @pytest.fixture(scope="module")
 def driver(default_version, tmp_path_factory):
-    server = ServerThread(make_config(collections_dir=tmp_path_factory.mktemp("collections")))
+    server = ServerThread(make_config(collections_dir=tmp_path_factory.mktemp("collections"), limits=LIMITS))
     driver = Driver(server.address)
     driver.prepare(CTX, base_documents(CTX))
     yield driver
@@ -65,3 +72,30 @@ def test_load_model_refuses_a_path_that_names_a_model_folder(driver, alias):
     with pytest.raises(grpc.RpcError) as info:  # nothing was loaded under that name
         driver.calls["Embed"](embedding_pb2.EmbedRequest(texts=["Boulanger"], model=alias).SerializeToString(), timeout=30)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND, info.value.details()
+
+
+def test_the_strategies_reach_past_the_servers_limits():
+    """Maximal hybrid queries, maximal filter lists, non-unit vectors and k at the configured limit are drawn."""
+    seen: set[str] = set()
+
+    def filter_values(request) -> int:
+        return sum(len(f.values) for f in request.filters) + len(request.skills_all) + len(request.skills_any)
+
+    def off_unit(vector) -> bool:
+        norm = float(np.linalg.norm(np.asarray(vector, np.float64)))
+        return len(vector) == 384 and np.isfinite(norm) and norm > 0.01 and abs(norm - 1.0) > 0.005
+
+    @settings(max_examples=400, derandomize=True, database=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(search=messages(CTX)["Search"], upsert=messages(CTX)["Upsert"])
+    def draw(search, upsert) -> None:
+        if search.hybrid and len(search.text.split()) > LIMITS.max_query_terms:
+            seen.add("maximal hybrid query")
+        if filter_values(search) > LIMITS.max_filter_terms:
+            seen.add("maximal filters")
+        if search.k in (LIMITS.max_k, LIMITS.max_k + 1):
+            seen.add("k at limits.max_k")
+        if any(off_unit(d.vector) for d in upsert.documents):
+            seen.add("non-unit vector")
+
+    draw()
+    assert seen == {"maximal hybrid query", "maximal filters", "k at limits.max_k", "non-unit vector"}

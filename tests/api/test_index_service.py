@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 import numpy as np
 import pytest
@@ -50,9 +52,15 @@ def unit(rng: np.random.Generator, n: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+MAX_QUERY_TERMS = 16
+MAX_FILTER_TERMS = 64
+
+
 @pytest.fixture(scope="module")
 def server(default_version, tmp_path_factory):
-    running = ServerThread(make_config(collections_dir=tmp_path_factory.mktemp("collections")))
+    config = make_config(collections_dir=tmp_path_factory.mktemp("collections"))
+    limits = dataclasses.replace(config.limits, max_query_terms=MAX_QUERY_TERMS, max_filter_terms=MAX_FILTER_TERMS)
+    running = ServerThread(dataclasses.replace(config, limits=limits))
     yield running
     running.stop()
 
@@ -260,6 +268,71 @@ def test_bad_search_and_upsert_inputs(stub, offers):
         expect(lambda request=request: stub.Upsert(request, timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
     size = next(c.size for c in stub.ListCollections(ipb.ListCollectionsRequest(), timeout=30).collections if c.name == offers)
     assert size == len(OFFERS)
+
+
+def test_a_maximal_hybrid_query_keeps_its_first_max_query_terms_terms(stub, offers):
+    """~2,600 distinct words would be as many OR'ed FTS terms: only the first limits.max_query_terms are searched."""
+    filler = " ".join(f"mot{i}" for i in range(2_600))[:19_000]
+
+    def lexical_ranks(text: str) -> dict[str, int]:
+        hits = stub.Search(ipb.SearchRequest(collection=offers, text=text, k=5, hybrid=True), timeout=60).hits
+        return {h.id: h.lexical_rank for h in hits}
+
+    assert lexical_ranks("viennoiseries " + filler)["o1"] == 1
+    late = " ".join(f"mot{i}" for i in range(MAX_QUERY_TERMS)) + " viennoiseries"
+    assert lexical_ranks(late).get("o1", 0) == 0  # its 17th term: past the cap, not searched
+    assert lexical_ranks(filler + " viennoiseries").get("o1", 0) == 0
+
+
+def test_filter_lists_over_max_filter_terms_are_invalid_argument_naming_the_key(stub, offers):
+    """About 1,000 conditions would overflow SQLite's expression tree (INTERNAL): refused before the query."""
+    good = [1.0] + [0.0] * (DIM - 1)
+    requests = {
+        "skills_all": ipb.SearchRequest(collection=offers, vector=good, k=3, skills_all=[f"s{i}" for i in range(1_000)]),
+        "filters": ipb.SearchRequest(
+            collection=offers, vector=good, k=3, filters=[ipb.Filter(field="ville", values=["Lyon"])] * 1_000
+        ),
+        "values": ipb.SearchRequest(
+            collection=offers, vector=good, k=3, filters=[ipb.Filter(field="ville", values=["Lyon"] * (MAX_FILTER_TERMS + 1))]
+        ),
+        "skills_any": ipb.SearchRequest(collection=offers, vector=good, k=3, skills_any=["x"] * (MAX_FILTER_TERMS + 1)),
+    }
+    for name, request in requests.items():
+        details = expect(lambda request=request: stub.Search(request, timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
+        assert f"over the limit of {MAX_FILTER_TERMS} (limits.max_filter_terms)" in details, name
+    at_limit = ipb.SearchRequest(
+        collection=offers, vector=good, k=3, filters=[ipb.Filter(field="ville", values=["Lyon"])] * MAX_FILTER_TERMS
+    )
+    assert {h.id for h in stub.Search(at_limit, timeout=30).hits} == {"o1", "o2"}
+
+
+def test_own_vectors_must_come_from_the_collections_model_and_have_unit_length(stub, default_version):
+    name = "propres-vecteurs"
+    stub.CreateCollection(ipb.CreateCollectionRequest(name=name), timeout=30)
+    vector = unit(np.random.default_rng(3), 1)[0]
+
+    def upsert(values, vector_model: str = "") -> None:
+        document = ipb.Document(id="v", vector=list(values), vector_model=vector_model)
+        stub.Upsert(ipb.UpsertRequest(collection=name, documents=[document]), timeout=30)
+
+    for other in ("all-MiniLM-L6-v2", "multilingual-e5-small/not-this-version"):
+        details = expect(lambda other=other: upsert(vector, other), grpc.StatusCode.FAILED_PRECONDITION)
+        assert other in details and "documents[0]" in details
+    details = expect(lambda: upsert(10 * vector), grpc.StatusCode.INVALID_ARGUMENT)
+    assert details.startswith("documents[0].vector has norm 10;")
+    expect(
+        lambda: stub.Search(ipb.SearchRequest(collection=name, vector=(10 * vector).tolist(), k=1), timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    infos = stub.ListCollections(ipb.ListCollectionsRequest(), timeout=30).collections
+    assert next(c.size for c in infos if c.name == name) == 0  # every refusal came before the write
+    upsert(vector)  # empty: the collection's model
+    upsert(vector, "multilingual-e5-small")
+    upsert(vector, f"multilingual-e5-small/{default_version.version}")
+    hit = stub.Search(ipb.SearchRequest(collection=name, vector=vector.tolist(), k=1), timeout=30).hits[0]
+    assert hit.id == "v" and hit.score == pytest.approx(1.0, abs=1e-5)
+    got = stub.Get(ipb.GetRequest(collection=name, ids=["v"], include_vectors=True), timeout=30).documents[0]
+    assert got.vector_model == f"multilingual-e5-small/{default_version.version}"
 
 
 @pytest.mark.parametrize("kind", [ipb.HNSW, ipb.IVF])

@@ -6,8 +6,10 @@ import grpc
 import pytest
 from harness import ServerThread, expect, make_config
 
+from openemploi.config import SecurityConfig
 from openemploi.index.text import terms
 from openemploi.matching.catalogue import entries, load_catalogue
+from openemploi.security import append_token
 from openemploi.v1 import index_pb2 as ipb
 from openemploi.v1 import index_pb2_grpc as ipb_grpc
 from openemploi.v1 import match_pb2 as mpb
@@ -173,3 +175,65 @@ def test_a_server_without_the_catalogue_says_so_with_failed_precondition(default
             assert "rome_collection" in details
     finally:
         running.stop()
+
+
+def test_match_profile_filters_over_max_filter_terms_are_invalid_argument(match, index):
+    """About 1,000 filters would overflow SQLite's expression tree (INTERNAL): refused naming the key."""
+    filters = [ipb.Filter(field="code", values=["D1102"])] * 1_000
+    details = expect(
+        lambda: match.MatchProfile(mpb.MatchProfileRequest(collection="rome", text="boulanger", filters=filters), timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert "(limits.max_filter_terms)" in details
+
+
+def test_the_catalogue_collection_is_read_only_to_ingest_tokens(server, collections_dir, tmp_path):
+    """The server manages `rome`: an ingest token writes to its own collections, never to the catalogue."""
+    tokens_file = tmp_path / "tokens.toml"
+    ingest, admin = (append_token(tokens_file, name, [scope]) for name, scope in (("svc-ingest", "ingest"), ("ops", "admin")))
+    secured = ServerThread(
+        make_config(collections_dir=collections_dir, rome_collection=True, security=SecurityConfig(tokens_file=tokens_file))
+    )
+    try:
+        with grpc.insecure_channel(secured.address) as channel:
+            stub = ipb_grpc.IndexServiceStub(channel)
+
+            def as_(token: str) -> tuple[tuple[str, str], ...]:
+                return (("authorization", f"Bearer {token}"),)
+
+            document = ipb.Document(id="D1102:label", text="Boulanger")
+            writes = {
+                "Upsert": lambda: stub.Upsert(
+                    ipb.UpsertRequest(collection="rome", documents=[document]), timeout=30, metadata=as_(ingest)
+                ),
+                "Delete": lambda: stub.Delete(
+                    ipb.DeleteRequest(collection="rome", ids=["D1102:label"]), timeout=30, metadata=as_(ingest)
+                ),
+                "DropCollection": lambda: stub.DropCollection(
+                    ipb.DropCollectionRequest(name="rome"), timeout=30, metadata=as_(ingest)
+                ),
+            }
+            for rpc, write in writes.items():
+                details = expect(write, grpc.StatusCode.PERMISSION_DENIED)
+                assert "'rome'" in details or "scope 'admin'" in details, rpc
+            # the refusal is for the catalogue only: elsewhere the ingest token reaches the servicer
+            expect(
+                lambda: stub.Upsert(
+                    ipb.UpsertRequest(collection="absente", documents=[document]), timeout=30, metadata=as_(ingest)
+                ),
+                grpc.StatusCode.NOT_FOUND,
+            )
+            # an admin passes the check (an empty upsert, refused by the servicer, so nothing is written)
+            expect(
+                lambda: stub.Upsert(ipb.UpsertRequest(collection="rome"), timeout=30, metadata=as_(admin)),
+                grpc.StatusCode.INVALID_ARGUMENT,
+            )
+    finally:
+        secured.stop()
+    size = next(c.size for c in server_collections(server) if c.name == "rome")
+    assert size == sum(len(entries(o)) for o in load_catalogue())
+
+
+def server_collections(server: ServerThread) -> list[ipb.CollectionInfo]:
+    with grpc.insecure_channel(server.address) as channel:
+        return list(ipb_grpc.IndexServiceStub(channel).ListCollections(ipb.ListCollectionsRequest(), timeout=30).collections)

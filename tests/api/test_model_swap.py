@@ -296,3 +296,113 @@ def test_a_restart_after_a_rebuild_keeps_collections_on_their_version(default_ve
             assert states == {"v1": "serving", "v2": "current"}
     finally:
         second.stop()
+
+
+class Gate:
+    """Wraps a blocking function: its first call waits for `release` (set by the test) after setting `entered`."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, *args, **kwargs):
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(120), "the test never released the gate"
+        return self._inner(*args, **kwargs)
+
+
+def minilm_states(admin) -> dict[str, str]:
+    return {
+        v.version: v.state
+        for m in admin.ListModels(mpb.ListModelsRequest(), timeout=30).models
+        if m.name == MINILM
+        for v in m.versions
+    }
+
+
+def wait_until_not_draining(admin, version: str) -> dict[str, str]:
+    """Until `version` has finished retiring: kept ("serving") or unloaded ("built")."""
+    deadline = time.monotonic() + 60
+    states = minilm_states(admin)
+    while states.get(version) == "draining" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        states = minilm_states(admin)
+    return states
+
+
+def swap_server(default_version, minilm_version, tmp_path) -> tuple[ServerThread, Path]:
+    """E5 and MiniLM v1 loaded from a repository where the test can add MiniLM v2."""
+    repo = tmp_path / "models"
+    (repo / E5).mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "models" / E5 / "model.toml", repo / E5 / "model.toml")
+    (repo / E5 / default_version.version).symlink_to(default_version.folder.resolve())
+    (repo / MINILM).mkdir()
+    shutil.copy(REPO_ROOT / "models" / MINILM / "model.toml", repo / MINILM / "model.toml")
+    link_version(minilm_version.folder, repo / MINILM / "v1", "2026-01-01T00:00:00+00:00")
+    running = ServerThread(make_config(collections_dir=tmp_path / "c", model_repository=repo, models=(E5, MINILM)))
+    return running, repo
+
+
+def test_a_collection_created_during_a_swap_keeps_its_version_loaded(default_version, minilm_version, tmp_path):
+    """CreateCollection binds v1; LoadModel v2 retires v1 meanwhile: v1 must stay, or the collection is unusable."""
+    from openemploi.v1 import index_pb2 as ipb
+    from openemploi.v1 import index_pb2_grpc as ipb_grpc
+
+    running, repo = swap_server(default_version, minilm_version, tmp_path)
+    manager = running.running.collections
+    gate = Gate(manager.create)
+    manager.create = gate
+    channel = grpc.insecure_channel(running.address)
+    try:
+        index = ipb_grpc.IndexServiceStub(channel)
+        admin = mpb_grpc.ModelServiceStub(channel)
+        creating = index.CreateCollection.future(ipb.CreateCollectionRequest(name="bascule", model=MINILM), timeout=120)
+        assert gate.entered.wait(60)
+        link_version(minilm_version.folder, repo / MINILM / "v2", "2026-02-01T00:00:00+00:00")
+        assert admin.LoadModel(mpb.LoadModelRequest(name=MINILM, version="v2"), timeout=120).model.current_version == "v2"
+        wait_until_not_draining(admin, "v1")
+        gate.release.set()
+        assert creating.result(60).collection.model_version == "v1"
+        assert wait_until_not_draining(admin, "v1") == {"v1": "serving", "v2": "current"}
+        documents = [ipb.Document(id="b", text="baker"), ipb.Document(id="p", text="plumber")]
+        index.Upsert(ipb.UpsertRequest(collection="bascule", documents=documents), timeout=30)
+        hits = index.Search(ipb.SearchRequest(collection="bascule", text="bread and pastry", k=1), timeout=30).hits
+        assert hits[0].id == "b"
+    finally:
+        gate.release.set()
+        channel.close()
+        running.stop()
+
+
+def test_a_reembed_during_a_swap_keeps_its_target_version_loaded(default_version, minilm_version, tmp_path):
+    """Reembed onto MiniLM v1 while LoadModel v2 retires v1: the switched collection must find v1 loaded."""
+    from openemploi.v1 import index_pb2 as ipb
+    from openemploi.v1 import index_pb2_grpc as ipb_grpc
+
+    running, repo = swap_server(default_version, minilm_version, tmp_path)
+    manager = running.running.collections
+    channel = grpc.insecure_channel(running.address)
+    gate = Gate(manager.replace)
+    try:
+        index = ipb_grpc.IndexServiceStub(channel)
+        admin = mpb_grpc.ModelServiceStub(channel)
+        index.CreateCollection(ipb.CreateCollectionRequest(name="metiers", model=E5), timeout=30)
+        documents = [ipb.Document(id="b", text="baker"), ipb.Document(id="p", text="plumber")]
+        index.Upsert(ipb.UpsertRequest(collection="metiers", documents=documents), timeout=30)
+        manager.replace = gate
+        reembedding = index.Reembed.future(ipb.ReembedRequest(collection="metiers", model=MINILM), timeout=120)
+        assert gate.entered.wait(60)
+        link_version(minilm_version.folder, repo / MINILM / "v2", "2026-02-01T00:00:00+00:00")
+        assert admin.LoadModel(mpb.LoadModelRequest(name=MINILM, version="v2"), timeout=120).model.current_version == "v2"
+        wait_until_not_draining(admin, "v1")
+        gate.release.set()
+        assert reembedding.result(60).collection.model_version == "v1"
+        assert wait_until_not_draining(admin, "v1") == {"v1": "serving", "v2": "current"}
+        hits = index.Search(ipb.SearchRequest(collection="metiers", text="bread and pastry", k=1), timeout=30).hits
+        assert hits[0].id == "b"
+    finally:
+        gate.release.set()
+        channel.close()
+        running.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 
@@ -20,9 +21,15 @@ from openemploi.batching import (
     OverloadedError,
     QueueFullError,
 )
-from openemploi.index.collection import CollectionExists, CollectionNotFound, CollectionReplaced, InvalidQuery
+from openemploi.index.collection import (
+    CollectionExists,
+    CollectionNotFound,
+    CollectionReplaced,
+    CollectionUnavailable,
+    InvalidQuery,
+)
 from openemploi.index.store import StorageFull
-from openemploi.runtime.registry import ModelInUse
+from openemploi.runtime.registry import ModelInUse, NonFiniteEmbeddingError
 from openemploi.runtime.repository import ModelNotBuilt, ModelNotFound
 from openemploi.tokenize import TextTooLongError
 from openemploi.v1 import embedding_pb2
@@ -36,6 +43,11 @@ from openemploi.v1 import embedding_pb2
         (CollectionNotFound("collection 'x' not found"), grpc.StatusCode.NOT_FOUND, "collection 'x' not found"),
         (CollectionExists("collection 'x' exists"), grpc.StatusCode.ALREADY_EXISTS, "collection 'x' exists"),
         (CollectionReplaced("re-embedded; retry"), grpc.StatusCode.ABORTED, "re-embedded; retry"),
+        (
+            CollectionUnavailable("collection 'x' set aside: bad index"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "collection 'x' set aside",
+        ),
         (InvalidQuery("k must be between 1 and 2048"), grpc.StatusCode.INVALID_ARGUMENT, "k must be between 1 and 2048"),
         (TextTooLongError(3, 600, 512), grpc.StatusCode.INVALID_ARGUMENT, "texts[3] has 600 tokens"),
         (ModelNotFound("no model 'camembert'"), grpc.StatusCode.NOT_FOUND, "no model 'camembert'"),
@@ -45,6 +57,7 @@ from openemploi.v1 import embedding_pb2
         (QueueFullError("queue holds 4 texts, limit 4"), grpc.StatusCode.RESOURCE_EXHAUSTED, "limit 4; retry with backoff"),
         (DeadlineExceededError("deadline passed"), grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed"),
         (BatcherClosedError("closed"), grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another replica"),
+        (NonFiniteEmbeddingError("e5", "v1", [2]), grpc.StatusCode.INTERNAL, "produced non-finite vectors for texts [2]"),
     ],
     ids=lambda value: type(value).__name__ if isinstance(value, Exception) else None,
 )
@@ -57,8 +70,9 @@ def test_each_domain_error_has_its_status(error, code, message):
 def test_every_row_of_the_table_is_covered_above():
     """A new domain error added to the table gets a row in the test above, with its message."""
     assert set(STATUS_BY_ERROR) == {
-        CollectionNotFound, CollectionExists, CollectionReplaced, InvalidQuery, TextTooLongError, ModelNotFound,
+        CollectionNotFound, CollectionExists, CollectionReplaced, CollectionUnavailable, InvalidQuery, TextTooLongError, ModelNotFound,
         ModelNotBuilt, ModelInUse, StorageFull, QueueFullError, DeadlineExceededError, BatcherClosedError,
+        NonFiniteEmbeddingError,
     }  # fmt: skip
 
 
@@ -269,3 +283,102 @@ def test_register_service_parses_bad_bytes_into_a_refusal_for_every_method():
         assert isinstance(parsed, Unparsed) and parsed.reason.endswith("texts must be valid UTF-8")
     good = embedding_pb2.EmbedRequest(texts=["Boulanger"]).SerializeToString()
     assert list(unary.request_deserializer(good).texts) == ["Boulanger"]
+
+
+# --------------------------------------------------------------------------- the index work pool
+
+
+class Gate:
+    """Holds the pool's only worker until released, so what queues behind it waits for sure."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def hold(self) -> str:
+        self.entered.set()
+        assert self.release.wait(30), "the test never released the worker"
+        return "held"
+
+
+def test_index_work_runs_on_the_pools_threads_and_returns_its_result():
+    async def scenario() -> str:
+        pool = rpc.WorkPool(workers=1, max_queue=4)
+        try:
+            return await pool.run(rpc.Call("Search", "r", None), threading.current_thread)
+        finally:
+            pool.close()
+
+    assert asyncio.run(scenario()).name.startswith("openemploi-index")
+
+
+def test_index_work_whose_deadline_passed_while_queued_never_runs():
+    ran: list[str] = []
+
+    async def scenario() -> None:
+        pool = rpc.WorkPool(workers=1, max_queue=4)
+        gate = Gate()
+        try:
+            held = asyncio.ensure_future(pool.run(rpc.Call("Upsert", "r1", None), gate.hold))
+            await asyncio.to_thread(gate.entered.wait, 30)
+            # Its deadline is the moment it queues: by the time a worker is free it has passed.
+            late = asyncio.ensure_future(pool.run(rpc.Call("Search", "r2", time.monotonic()), ran.append, "late"))
+            gate.release.set()
+            assert await held == "held"
+            with pytest.raises(RequestError) as info:
+                await late
+            assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "limits.index_workers" in info.value.message
+        finally:
+            gate.release.set()
+            pool.close()
+
+    asyncio.run(scenario())
+    assert ran == []
+
+
+def test_index_work_of_a_cancelled_call_never_runs():
+    ran: list[str] = []
+
+    async def scenario() -> None:
+        pool = rpc.WorkPool(workers=1, max_queue=4)
+        gate = Gate()
+        try:
+            held = asyncio.ensure_future(pool.run(rpc.Call("Upsert", "r1", None), gate.hold))
+            await asyncio.to_thread(gate.entered.wait, 30)
+            queued = asyncio.ensure_future(pool.run(rpc.Call("Search", "r2", None), ran.append, "cancelled"))
+            await asyncio.sleep(0)  # let it queue
+            queued.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await queued
+            gate.release.set()
+            assert await held == "held"
+            assert pool.in_flight == 0  # the cancelled call gave its queue slot back
+        finally:
+            gate.release.set()
+            pool.close()
+
+    asyncio.run(scenario())
+    assert ran == []
+
+
+def test_index_work_past_the_queue_limit_is_refused_naming_the_key():
+    async def scenario() -> None:
+        pool = rpc.WorkPool(workers=1, max_queue=1)
+        gate = Gate()
+        try:
+            held = asyncio.ensure_future(pool.run(rpc.Call("Upsert", "r1", None), gate.hold))
+            await asyncio.to_thread(gate.entered.wait, 30)
+            queued = asyncio.ensure_future(pool.run(rpc.Call("Search", "r2", None), str, "queued"))
+            await asyncio.sleep(0)
+            with pytest.raises(RequestError) as info:
+                await pool.run(rpc.Call("Search", "r3", None), str, "refused")
+            assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "limits.max_index_queue" in info.value.message and "retry" in info.value.message
+            gate.release.set()
+            assert (await held, await queued) == ("held", "queued")
+        finally:
+            gate.release.set()
+            pool.close()
+
+    asyncio.run(scenario())

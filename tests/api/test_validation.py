@@ -8,9 +8,11 @@ import pytest
 from openemploi.api.errors import RequestError
 from openemploi.api.validation import (
     Unparsed,
+    cap_query_terms,
     check_ids,
     check_text_chars,
     check_text_count,
+    check_unit_vector,
     check_upsert_documents,
     occupation_k,
     occupation_text_chars,
@@ -23,6 +25,7 @@ from openemploi.api.validation import (
     text_chars,
 )
 from openemploi.config import LimitsConfig
+from openemploi.index.text import terms
 from openemploi.v1 import embedding_pb2, index_pb2
 
 LIMITS = LimitsConfig(
@@ -121,11 +124,40 @@ def test_upsert_documents(documents, message):
 
 
 def test_a_document_with_only_a_vector_is_fine():
-    check_upsert_documents([index_pb2.Document(id="v", vector=[0.1, 0.2])], LIMITS)
+    check_upsert_documents([index_pb2.Document(id="v", vector=[0.6, 0.8])], LIMITS)
+
+
+@pytest.mark.parametrize("vector", [[6.0, 8.0], [0.06, 0.08], [0.0, 0.0], [0.6, 0.802]], ids=["10x", "tenth", "zero", "off"])
+def test_a_vector_that_is_not_unit_length_is_refused_not_scored_as_a_cosine(vector):
+    message = refusal(check_upsert_documents, [index_pb2.Document(id="v", vector=vector)], LIMITS)
+    assert message.startswith("documents[0].vector has norm ") and "unit length (1 ± 0.001)" in message
+    assert refusal(check_unit_vector, "vector", vector).startswith("vector has norm ")
+
+
+def test_a_vector_within_the_tolerance_is_fine_and_nan_is_named():
+    check_unit_vector("vector", [0.6, 0.8005])
+    assert refusal(check_unit_vector, "vector", [float("nan"), 1.0]) == "vector contains NaN or infinity"
 
 
 def test_filters():
     filters = [index_pb2.Filter(field="ville", values=["Paris", "Lyon"]), index_pb2.Filter(field="contrat", values=["CDI"])]
-    assert parse_filters(filters) == (("ville", ("Paris", "Lyon")), ("contrat", ("CDI",)))
-    assert refusal(parse_filters, [index_pb2.Filter(values=["Paris"])]) == "a filter has no field"
-    assert refusal(parse_filters, [index_pb2.Filter(field="ville")]) == "filter on 'ville' has no values"
+    assert parse_filters(filters, LIMITS) == (("ville", ("Paris", "Lyon")), ("contrat", ("CDI",)))
+    assert refusal(parse_filters, [index_pb2.Filter(values=["Paris"])], LIMITS) == "a filter has no field"
+    assert refusal(parse_filters, [index_pb2.Filter(field="ville")], LIMITS) == "filter on 'ville' has no values"
+
+
+def test_filter_values_and_filtering_skills_together_stay_under_max_filter_terms():
+    limits = LimitsConfig(max_filter_terms=4)
+    filters = [index_pb2.Filter(field="ville", values=["Paris", "Lyon"])]
+    assert parse_filters(filters, limits, ["python"], ["sql"]) == (("ville", ("Paris", "Lyon")),)
+    assert refusal(parse_filters, filters, limits, ["python"], ["sql", "git"]) == (
+        "filters and skills hold 5 values, over the limit of 4 (limits.max_filter_terms)"
+    )
+    assert "(limits.max_filter_terms)" in refusal(parse_filters, [index_pb2.Filter(field="v", values=["x"] * 5)], limits)
+
+
+def test_a_long_query_keeps_its_first_max_query_terms_distinct_terms():
+    text = "Le boulanger, la boulangère et le pâtissier ; boulanger pâtissier de nuit"
+    assert cap_query_terms(text, LimitsConfig(max_query_terms=3)) == "boulanger boulangere patissier"
+    assert cap_query_terms(text, LimitsConfig(max_query_terms=3)) == cap_query_terms(text * 1000, LimitsConfig(max_query_terms=3))
+    assert terms(cap_query_terms(text, LIMITS)) == terms(text)  # under the cap: the same lexical query

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19openemploi/v1/index.proto\x12\ropenemploi.v1\"\x94\x01\n\tIndexSpec\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.openemploi.v1.IndexKind\x12\x10\n\x08\x66lat_max\x18\x02 \x01(\r\x12\x0e\n\x06hnsw_m\x18\x03 \x01(\r\x12\x16\n\x0ehnsw_ef_search\x18\x04 \x01(\r\x12\x11\n\tivf_nlist\x18\x05 \x01(\r\x12\x12\n\nivf_nprobe\x18\x06 \x01(\r\"\xae\x01\n\x0e\x43ollectionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0b\n\x03\x64im\x18\x04 \x01(\r\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x12\n\nindex_kind\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x15\n\rlast_sequence\x18\x08 \x01(\x04\x12\x12\n\ncreated_at\x18\t \x01(\t\"_\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x05index\x18\x03 \x01(\x0b\x32\x18.openemploi.v1.IndexSpec\"M\n\x18\x43reateCollectionResponse\x12\x31\n\ncollection\x18\x01 \x01(\x0b\x32\x1d.openemploi.v1.CollectionInfo\"\x18\n\x16ListCollectionsRequest\"M\n\x17ListCollectionsResponse\x12\x32\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1d.openemploi.v1.CollectionInfo\"%\n\x15\x44ropCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\")\n\x16\x44ropCollectionResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x08\"\xae\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06vector\x18\x03 \x03(\x02\x12\x37\n\x08metadata\x18\x04 \x03(\x0b\x32%.openemploi.v1.Document.MetadataEntry\x12\x0e\n\x06skills\x18\x05 \x03(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\rUpsertRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12*\n\tdocuments\x18\x02 \x03(\x0b\x32\x17.openemploi.v1.Document\"9\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x04\x12\x15\n\rlast_sequence\x18\x02 \x01(\x04\"0\n\rDeleteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"F\n\nGetRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\x17\n\x0finclude_vectors\x18\x03 \x01(\x08\"J\n\x0bGetResponse\x12*\n\tdocuments\x18\x01 \x03(\x0b\x32\x17.openemploi.v1.Document\x12\x0f\n\x07missing\x18\x02 \x03(\t\"\'\n\x06\x46ilter\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"\x98\x02\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06vector\x18\x03 \x03(\x02\x12\x14\n\x0cvector_model\x18\x04 \x01(\t\x12\t\n\x01k\x18\x05 \x01(\x05\x12&\n\x07\x66ilters\x18\x06 \x03(\x0b\x32\x15.openemploi.v1.Filter\x12\x12\n\nskills_all\x18\x07 \x03(\t\x12\x12\n\nskills_any\x18\x08 \x03(\t\x12\x0e\n\x06hybrid\x18\t \x01(\x08\x12%\n\x06\x66usion\x18\n \x01(\x0e\x32\x15.openemploi.v1.Fusion\x12\x14\n\x0c\x64\x65nse_weight\x18\x0b \x01(\x02\x12\x17\n\x0finclude_vectors\x18\x0c \x01(\x08\"\x95\x02\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x13\n\x0b\x64\x65nse_score\x18\x03 \x01(\x02\x12\x15\n\rlexical_score\x18\x04 \x01(\x02\x12\x12\n\ndense_rank\x18\x05 \x01(\r\x12\x14\n\x0clexical_rank\x18\x06 \x01(\r\x12\x0c\n\x04text\x18\x07 \x01(\t\x12\x38\n\x08metadata\x18\x08 \x03(\x0b\x32&.openemploi.v1.SearchHit.MetadataEntry\x12\x0e\n\x06skills\x18\t \x03(\t\x12\x0e\n\x06vector\x18\n \x03(\x02\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"s\n\x0eSearchResponse\x12&\n\x04hits\x18\x01 \x03(\x0b\x32\x18.openemploi.v1.SearchHit\x12\x13\n\x0b\x65xplanation\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"3\n\x0eReembedRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"D\n\x0fReembedResponse\x12\x31\n\ncollection\x18\x01 \x01(\x0b\x32\x1d.openemploi.v1.CollectionInfo*=\n\tIndexKind\x12\x13\n\x0fINDEX_KIND_AUTO\x10\x00\x12\x08\n\x04\x46LAT\x10\x01\x12\x08\n\x04HNSW\x10\x02\x12\x07\n\x03IVF\x10\x03*\x1f\n\x06\x46usion\x12\x07\n\x03RRF\x10\x00\x12\x0c\n\x08WEIGHTED\x10\x01\x32\x91\x05\n\x0cIndexService\x12\x63\n\x10\x43reateCollection\x12&.openemploi.v1.CreateCollectionRequest\x1a\'.openemploi.v1.CreateCollectionResponse\x12`\n\x0fListCollections\x12%.openemploi.v1.ListCollectionsRequest\x1a&.openemploi.v1.ListCollectionsResponse\x12]\n\x0e\x44ropCollection\x12$.openemploi.v1.DropCollectionRequest\x1a%.openemploi.v1.DropCollectionResponse\x12\x45\n\x06Upsert\x12\x1c.openemploi.v1.UpsertRequest\x1a\x1d.openemploi.v1.UpsertResponse\x12\x45\n\x06\x44\x65lete\x12\x1c.openemploi.v1.DeleteRequest\x1a\x1d.openemploi.v1.DeleteResponse\x12<\n\x03Get\x12\x19.openemploi.v1.GetRequest\x1a\x1a.openemploi.v1.GetResponse\x12\x45\n\x06Search\x12\x1c.openemploi.v1.SearchRequest\x1a\x1d.openemploi.v1.SearchResponse\x12H\n\x07Reembed\x12\x1d.openemploi.v1.ReembedRequest\x1a\x1e.openemploi.v1.ReembedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19openemploi/v1/index.proto\x12\ropenemploi.v1\"\x94\x01\n\tIndexSpec\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.openemploi.v1.IndexKind\x12\x10\n\x08\x66lat_max\x18\x02 \x01(\r\x12\x0e\n\x06hnsw_m\x18\x03 \x01(\r\x12\x16\n\x0ehnsw_ef_search\x18\x04 \x01(\r\x12\x11\n\tivf_nlist\x18\x05 \x01(\r\x12\x12\n\nivf_nprobe\x18\x06 \x01(\r\"\xae\x01\n\x0e\x43ollectionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0b\n\x03\x64im\x18\x04 \x01(\r\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x12\n\nindex_kind\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x15\n\rlast_sequence\x18\x08 \x01(\x04\x12\x12\n\ncreated_at\x18\t \x01(\t\"_\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x05index\x18\x03 \x01(\x0b\x32\x18.openemploi.v1.IndexSpec\"M\n\x18\x43reateCollectionResponse\x12\x31\n\ncollection\x18\x01 \x01(\x0b\x32\x1d.openemploi.v1.CollectionInfo\"\x18\n\x16ListCollectionsRequest\"M\n\x17ListCollectionsResponse\x12\x32\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1d.openemploi.v1.CollectionInfo\"%\n\x15\x44ropCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\")\n\x16\x44ropCollectionResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x08\"\xc4\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06vector\x18\x03 \x03(\x02\x12\x37\n\x08metadata\x18\x04 \x03(\x0b\x32%.openemploi.v1.Document.MetadataEntry\x12\x0e\n\x06skills\x18\x05 \x03(\t\x12\x14\n\x0cvector_model\x18\x06 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\rUpsertRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12*\n\tdocuments\x18\x02 \x03(\x0b\x32\x17.openemploi.v1.Document\"9\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x04\x12\x15\n\rlast_sequence\x18\x02 \x01(\x04\"0\n\rDeleteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"F\n\nGetRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\x17\n\x0finclude_vectors\x18\x03 \x01(\x08\"J\n\x0bGetResponse\x12*\n\tdocuments\x18\x01 \x03(\x0b\x32\x17.openemploi.v1.Document\x12\x0f\n\x07missing\x18\x02 \x03(\t\"\'\n\x06\x46ilter\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"\x98\x02\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06vector\x18\x03 \x03(\x02\x12\x14\n\x0cvector_model\x18\x04 \x01(\t\x12\t\n\x01k\x18\x05 \x01(\x05\x12&\n\x07\x66ilters\x18\x06 \x03(\x0b\x32\x15.openemploi.v1.Filter\x12\x12\n\nskills_all\x18\x07 \x03(\t\x12\x12\n\nskills_any\x18\x08 \x03(\t\x12\x0e\n\x06hybrid\x18\t \x01(\x08\x12%\n\x06\x66usion\x18\n \x01(\x0e\x32\x15.openemploi.v1.Fusion\x12\x14\n\x0c\x64\x65nse_weight\x18\x0b \x01(\x02\x12\x17\n\x0finclude_vectors\x18\x0c \x01(\x08\"\x95\x02\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x13\n\x0b\x64\x65nse_score\x18\x03 \x01(\x02\x12\x15\n\rlexical_score\x18\x04 \x01(\x02\x12\x12\n\ndense_rank\x18\x05 \x01(\r\x12\x14\n\x0clexical_rank\x18\x06 \x01(\r\x12\x0c\n\x04text\x18\x07 \x01(\t\x12\x38\n\x08metadata\x18\x08 \x03(\x0b\x32&.openemploi.v1.SearchHit.MetadataEntry\x12\x0e\n\x06skills\x18\t \x03(\t\x12\x0e\n\x06vector\x18\n \x03(\x02\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"s\n\x0eSearchResponse\x12&\n\x04hits\x18\x01 \x03(\x0b\x32\x18.openemploi.v1.SearchHit\x12\x13\n\x0b\x65xplanation\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"3\n\x0eReembedRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"D\n\x0fReembedResponse\x12\x31\n\ncollection\x18\x01 \x01(\x0b\x32\x1d.openemploi.v1.CollectionInfo*=\n\tIndexKind\x12\x13\n\x0fINDEX_KIND_AUTO\x10\x00\x12\x08\n\x04\x46LAT\x10\x01\x12\x08\n\x04HNSW\x10\x02\x12\x07\n\x03IVF\x10\x03*\x1f\n\x06\x46usion\x12\x07\n\x03RRF\x10\x00\x12\x0c\n\x08WEIGHTED\x10\x01\x32\x91\x05\n\x0cIndexService\x12\x63\n\x10\x43reateCollection\x12&.openemploi.v1.CreateCollectionRequest\x1a\'.openemploi.v1.CreateCollectionResponse\x12`\n\x0fListCollections\x12%.openemploi.v1.ListCollectionsRequest\x1a&.openemploi.v1.ListCollectionsResponse\x12]\n\x0e\x44ropCollection\x12$.openemploi.v1.DropCollectionRequest\x1a%.openemploi.v1.DropCollectionResponse\x12\x45\n\x06Upsert\x12\x1c.openemploi.v1.UpsertRequest\x1a\x1d.openemploi.v1.UpsertResponse\x12\x45\n\x06\x44\x65lete\x12\x1c.openemploi.v1.DeleteRequest\x1a\x1d.openemploi.v1.DeleteResponse\x12<\n\x03Get\x12\x19.openemploi.v1.GetRequest\x1a\x1a.openemploi.v1.GetResponse\x12\x45\n\x06Search\x12\x1c.openemploi.v1.SearchRequest\x1a\x1d.openemploi.v1.SearchResponse\x12H\n\x07Reembed\x12\x1d.openemploi.v1.ReembedRequest\x1a\x1e.openemploi.v1.ReembedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DOCUMENT_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_SEARCHHIT_METADATAENTRY']._loaded_options = None
   _globals['_SEARCHHIT_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_INDEXKIND']._serialized_start=2129
-  _globals['_INDEXKIND']._serialized_end=2190
-  _globals['_FUSION']._serialized_start=2192
-  _globals['_FUSION']._serialized_end=2223
+  _globals['_INDEXKIND']._serialized_start=2151
+  _globals['_INDEXKIND']._serialized_end=2212
+  _globals['_FUSION']._serialized_start=2214
+  _globals['_FUSION']._serialized_end=2245
   _globals['_INDEXSPEC']._serialized_start=45
   _globals['_INDEXSPEC']._serialized_end=193
   _globals['_COLLECTIONINFO']._serialized_start=196
@@ -56,35 +56,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DROPCOLLECTIONRESPONSE']._serialized_start=692
   _globals['_DROPCOLLECTIONRESPONSE']._serialized_end=733
   _globals['_DOCUMENT']._serialized_start=736
-  _globals['_DOCUMENT']._serialized_end=910
-  _globals['_DOCUMENT_METADATAENTRY']._serialized_start=863
-  _globals['_DOCUMENT_METADATAENTRY']._serialized_end=910
-  _globals['_UPSERTREQUEST']._serialized_start=912
-  _globals['_UPSERTREQUEST']._serialized_end=991
-  _globals['_UPSERTRESPONSE']._serialized_start=993
-  _globals['_UPSERTRESPONSE']._serialized_end=1050
-  _globals['_DELETEREQUEST']._serialized_start=1052
-  _globals['_DELETEREQUEST']._serialized_end=1100
-  _globals['_DELETERESPONSE']._serialized_start=1102
-  _globals['_DELETERESPONSE']._serialized_end=1135
-  _globals['_GETREQUEST']._serialized_start=1137
-  _globals['_GETREQUEST']._serialized_end=1207
-  _globals['_GETRESPONSE']._serialized_start=1209
-  _globals['_GETRESPONSE']._serialized_end=1283
-  _globals['_FILTER']._serialized_start=1285
-  _globals['_FILTER']._serialized_end=1324
-  _globals['_SEARCHREQUEST']._serialized_start=1327
-  _globals['_SEARCHREQUEST']._serialized_end=1607
-  _globals['_SEARCHHIT']._serialized_start=1610
-  _globals['_SEARCHHIT']._serialized_end=1887
-  _globals['_SEARCHHIT_METADATAENTRY']._serialized_start=863
-  _globals['_SEARCHHIT_METADATAENTRY']._serialized_end=910
-  _globals['_SEARCHRESPONSE']._serialized_start=1889
-  _globals['_SEARCHRESPONSE']._serialized_end=2004
-  _globals['_REEMBEDREQUEST']._serialized_start=2006
-  _globals['_REEMBEDREQUEST']._serialized_end=2057
-  _globals['_REEMBEDRESPONSE']._serialized_start=2059
-  _globals['_REEMBEDRESPONSE']._serialized_end=2127
-  _globals['_INDEXSERVICE']._serialized_start=2226
-  _globals['_INDEXSERVICE']._serialized_end=2883
+  _globals['_DOCUMENT']._serialized_end=932
+  _globals['_DOCUMENT_METADATAENTRY']._serialized_start=885
+  _globals['_DOCUMENT_METADATAENTRY']._serialized_end=932
+  _globals['_UPSERTREQUEST']._serialized_start=934
+  _globals['_UPSERTREQUEST']._serialized_end=1013
+  _globals['_UPSERTRESPONSE']._serialized_start=1015
+  _globals['_UPSERTRESPONSE']._serialized_end=1072
+  _globals['_DELETEREQUEST']._serialized_start=1074
+  _globals['_DELETEREQUEST']._serialized_end=1122
+  _globals['_DELETERESPONSE']._serialized_start=1124
+  _globals['_DELETERESPONSE']._serialized_end=1157
+  _globals['_GETREQUEST']._serialized_start=1159
+  _globals['_GETREQUEST']._serialized_end=1229
+  _globals['_GETRESPONSE']._serialized_start=1231
+  _globals['_GETRESPONSE']._serialized_end=1305
+  _globals['_FILTER']._serialized_start=1307
+  _globals['_FILTER']._serialized_end=1346
+  _globals['_SEARCHREQUEST']._serialized_start=1349
+  _globals['_SEARCHREQUEST']._serialized_end=1629
+  _globals['_SEARCHHIT']._serialized_start=1632
+  _globals['_SEARCHHIT']._serialized_end=1909
+  _globals['_SEARCHHIT_METADATAENTRY']._serialized_start=885
+  _globals['_SEARCHHIT_METADATAENTRY']._serialized_end=932
+  _globals['_SEARCHRESPONSE']._serialized_start=1911
+  _globals['_SEARCHRESPONSE']._serialized_end=2026
+  _globals['_REEMBEDREQUEST']._serialized_start=2028
+  _globals['_REEMBEDREQUEST']._serialized_end=2079
+  _globals['_REEMBEDRESPONSE']._serialized_start=2081
+  _globals['_REEMBEDRESPONSE']._serialized_end=2149
+  _globals['_INDEXSERVICE']._serialized_start=2248
+  _globals['_INDEXSERVICE']._serialized_end=2905
 # @@protoc_insertion_point(module_scope)
