@@ -74,7 +74,7 @@ async def reembed_collection(
             seen = await _copy_since(old, new, seen, embed, bar)
         loop = asyncio.get_running_loop()
 
-        def final_phase() -> Collection:
+        def final_phase() -> tuple[Collection, int]:
             """In one thread, holding the old collection's write lock: writers wait, searches go on.
 
             A drop (or a drop and re-create) that got in first closed `old`: the switch is refused then.
@@ -90,16 +90,17 @@ async def reembed_collection(
                     bar.update(len(rows))
                 _drop_deleted(old, new)
                 new.snapshot()
+                documents = new.size()  # counted before the switch: a drop may close the new one right after it
                 new.store.close()
-                return manager.replace(name, staging, old)
+                return manager.replace(name, staging, old), documents
 
-        switched = await asyncio.to_thread(final_phase)
+        switched, documents = await asyncio.to_thread(final_phase)
     except BaseException:
         bar.close()
         await asyncio.to_thread(_remove, staging)
         raise
     bar.close()
-    log.info("collection %s re-embedded with %s/%s (%d documents)", name, model, model_version, switched.size())
+    log.info("collection %s re-embedded with %s/%s (%d documents)", name, model, model_version, documents)
     return switched
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backends.base import BackendKind, Encoder
+from ..backends.base import Encoder
 from ..backends.options import BackendConfig
 from ..backends.select import open_encoder
 from ..batching import BatcherConfig, BatchStats, DeadlineExceededError, DynamicBatcher
@@ -314,7 +314,7 @@ class ModelRegistry:
         )
         encoder = open_encoder(
             built,
-            BackendKind(self.repository.spec(built.name).backend),
+            self.repository.spec(built.name).backend,
             self._backend,
             max_batch=self._batching.max_batch_size,
             pad_id=tokenizer.pad_id,

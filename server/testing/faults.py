@@ -408,6 +408,11 @@ def snapshot_kill_cycle(run: ChaosRun, step: str = SNAPSHOT_WRITTEN, duration_s:
     if status != -signal.SIGKILL:
         report.problems.append(f"the server armed for {step!r} exited with {status}, not SIGKILL:\n{run.server.log_tail(10)}")
     report.notes.append(f"shutdown snapshot killed at {step!r}")
+    return restart_and_verify(run, report)
+
+
+def restart_and_verify(run: ChaosRun, report: CycleReport) -> CycleReport:
+    """The common end of a fault cycle: restart, then check every acknowledged document."""
     if not run.restart(report):
         return report
     with grpc.insecure_channel(run.server.address) as channel:
