@@ -7,8 +7,8 @@ user runs, from a directory where nothing of the repo is importable by accident.
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -51,7 +51,7 @@ def test_only_openemploi_is_importable_from_outside_the_repo(tmp_path: Path) -> 
     )
     result = run_outside(tmp_path, sys.executable, "-c", probe)
     assert result.returncode == 0, result.stderr
-    found = __import__("json").loads(result.stdout)
+    found = json.loads(result.stdout)
     assert found["server"] is None
     assert found["kernels"] is None or not Path(found["kernels"]).resolve().is_relative_to(REPO_ROOT / "kernels")
     for name in ("openemploi", "openemploi.kernels", "openemploi.v1"):
@@ -118,11 +118,10 @@ def test_models_build_from_outside_the_repo_reuses_the_built_version(tmp_path: P
 
 
 def test_serve_from_outside_the_repo_reaches_serving(tmp_path: Path) -> None:
-    shutil.copytree(REPO_ROOT / "models", tmp_path / "models", symlinks=True, ignore=shutil.ignore_patterns(".cache"))
     server = ServerProcess(
         collections_dir=tmp_path / "collections",
         cwd=tmp_path,
-        env={"OPENEMPLOI_MODEL_REPOSITORY": str(tmp_path / "models"), "OPENEMPLOI_METRICS_PORT": str(free_port())},
+        env={"OPENEMPLOI_MODEL_REPOSITORY": str(REPO_ROOT / "models"), "OPENEMPLOI_METRICS_PORT": str(free_port())},
         command=[str(console_script()), "serve"],
     )
     server.start()

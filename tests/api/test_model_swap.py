@@ -194,14 +194,7 @@ def link_version(source: Path, target: Path, built_at: str) -> None:
 
 
 def test_loading_a_new_version_drains_and_unloads_the_old_one(default_version, minilm_version, tmp_path):
-    repo = tmp_path / "models"
-    (repo / E5).mkdir(parents=True)
-    shutil.copy(REPO_ROOT / "models" / E5 / "model.toml", repo / E5 / "model.toml")
-    (repo / E5 / default_version.version).symlink_to(default_version.folder.resolve())
-    (repo / MINILM).mkdir()
-    shutil.copy(REPO_ROOT / "models" / MINILM / "model.toml", repo / MINILM / "model.toml")
-    link_version(minilm_version.folder, repo / MINILM / "v1", "2026-01-01T00:00:00+00:00")
-    running = ServerThread(make_config(collections_dir=tmp_path / "c", model_repository=repo, models=(E5, MINILM)))
+    running, repo = swap_server(default_version, minilm_version, tmp_path)
     channel = grpc.insecure_channel(running.address)
     try:
         embed = pb_grpc.EmbeddingServiceStub(channel)
