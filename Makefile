@@ -6,6 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 LOCK   ?= requirements/lock.txt
 GPU_LOCK := requirements/gpu.txt
+GPU_RUNTIME_LOCK := requirements/gpu-runtime.txt
 LOCK_VENV := .cache/lock-venv
 PIP_TOOLS := pip-tools==7.7.0
 MODEL  ?= multilingual-e5-small
@@ -16,7 +17,7 @@ DURATION ?= 60s
 FUZZ_REQUESTS ?= 10000
 
 
-.PHONY: lock install lint model serve test test-fast bench loadtest fuzz overload chaos proto clean-models
+.PHONY: lock install lint model serve test test-fast bench bench-peers loadtest fuzz overload chaos eval-skills finetune proto clean-models
 
 # Installs exactly what requirements/lock.txt pins (hashes checked, nothing resolved), then the
 # project itself without its dependencies. `make lock` is the only way the pins change.
@@ -44,6 +45,13 @@ lint: install
 model: install
 	$(BIN)/openemploi models build $(MODEL)
 
+# Fine-tune MODEL on the ROME catalogue into models/$(FINETUNED)/ and build it (README "Fine-tuning"),
+# then evaluate both on the dev set's tuning and held-out parts, fitting each model's fusion on `tune`.
+FINETUNED ?= e5-small-rome
+finetune: model
+	$(BIN)/openemploi models finetune $(MODEL) --name $(FINETUNED) --force $(ARGS)
+	$(BIN)/python benchmarks/eval_rome.py --models $(MODEL),$(FINETUNED) --fit-fusion
+
 serve: model
 	$(BIN)/openemploi serve $(ARGS)
 
@@ -60,6 +68,12 @@ test-fast: install
 bench: model
 	$(BIN)/python benchmarks/suite.py $(ARGS)
 
+# Infinity (pinned, torch from the local CPU wheel) into .cache/peers/infinity, never the project's
+# venv; then the peers part alone. `make bench` includes the peers part whenever that venv exists.
+bench-peers: model
+	$(BIN)/python benchmarks/peers.py --install
+	$(BIN)/python benchmarks/suite.py --parts peers $(ARGS)
+
 # Headless locust run against a server it starts itself: CSV + HTML under benchmarks/results/loadtest/.
 loadtest: model
 	$(BIN)/python benchmarks/loadtest.py --users $(USERS) --spawn-rate $(SPAWN_RATE) --run-time $(DURATION) $(ARGS)
@@ -75,6 +89,10 @@ overload: model
 chaos: model
 	$(BIN)/python benchmarks/chaos.py $(ARGS)
 
+# Skills and transitions on the team's dev sets (both splits), with baselines; the first run indexes (minutes).
+eval-skills: model
+	$(BIN)/python -P benchmarks/eval_skills.py $(ARGS)
+
 proto: install
 	$(BIN)/python proto/generate.py
 
@@ -82,10 +100,14 @@ clean-models:
 	rm -rf models/*/*/ models/.cache
 
 # Re-pin after editing the dependencies in pyproject.toml (keeps every other pin), or
-# `make lock UPGRADE=1` to move every pin to its newest release. Commit both lock files.
+# `make lock UPGRADE=1` to move every pin to its newest release. Commit the lock files.
+# GPU_RUNTIME_LOCK is the Docker image's runtime stage: the `gpu` extra alone, no build tools,
+# seeded with the GPU lock's pins so that both stages of the image agree.
 COMPILE = $(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
 	--no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade)
 lock:
 	test -x $(LOCK_VENV)/bin/pip-compile || ($(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install --quiet '$(PIP_TOOLS)')
 	$(COMPILE) --extra cpu --extra build --extra dev -o $(LOCK) pyproject.toml
 	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(COMPILE) --extra gpu --extra build -o $(GPU_LOCK) pyproject.toml
+	test -f $(GPU_RUNTIME_LOCK) || cp $(GPU_LOCK) $(GPU_RUNTIME_LOCK)
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(COMPILE) --extra gpu -o $(GPU_RUNTIME_LOCK) pyproject.toml

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Faults against the real server: SIGKILL mid-upsert, a truncated snapshot, disconnect storms, failed model loads, a full disk.
+"""Faults against the real server: SIGKILL mid-upsert or mid-Reembed, a truncated snapshot, disconnect storms, stalls, failed model loads, a full disk.
 
     .venv/bin/python benchmarks/chaos.py [--quick] [--cycles 20] [--dir PATH] [--seed N] [--index auto|flat|hnsw]
 
@@ -9,10 +9,14 @@ test_failed_model_load.py run shorter sequences of them). This run, on one serve
 collection: half the SIGKILL cycles (``--cycles``, 20 by default), a clean SIGTERM restart (its
 snapshot then holds vectors), a SIGKILL cycle that truncates ``<dir>/collections/chaos/index.faiss``
 to half while the server is down, two shutdown snapshots SIGKILLed between their steps (the
-server armed with a crash point of openemploi.index.durable), a client disconnect storm, model
-loads failing mid-swap (each broken version ``--swap-repeats`` times), a full disk (whose failed
-shutdown snapshot leaves the store ahead of the snapshot), then the other half of the SIGKILL
-cycles, which replay on top of that. Every cycle ends with a check of every acknowledged document.
+server armed with a crash point of openemploi.index.durable), three SIGKILLs during a Reembed
+to a second model (while it copies, after the new generation is staged, after the switch:
+reembed_faults.py; the collection must come back whole, on one generation), a client disconnect
+storm, a stall check (the slowest health Check while one maximal Embed is served must stay within
+100 ms: stall.py), model loads failing mid-swap (each broken version ``--swap-repeats`` times), a
+full disk (whose failed shutdown snapshot leaves the store ahead of the snapshot), then the other
+half of the SIGKILL cycles, which replay on top of that. Every cycle ends with a check of every
+acknowledged document.
 
 ``--quick`` (4 SIGKILL cycles, a small storm, each broken version 3 times) is for development;
 the default run is sized for about 10 minutes on 2 cores. ``--index hnsw`` runs the same on an
@@ -38,6 +42,7 @@ from openemploi.testing.client_faults import storm_cycle
 from openemploi.testing.disk_faults import disk_full_cycle
 from openemploi.testing.faults import (
     FAULT_DISK,
+    FAULT_STALL,
     FAULT_STORM,
     FAULT_SWAP,
     INDEX_KINDS,
@@ -50,6 +55,8 @@ from openemploi.testing.faults import (
     stderr_log,
 )
 from openemploi.testing.model_faults import model_swap_cycle
+from openemploi.testing.reembed_faults import REEMBED_KILLS, reembed_kill_cycle
+from openemploi.testing.stall import stall_cycle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +66,8 @@ def table(reports: Sequence[CycleReport], total_acknowledged: int) -> tuple[str,
 
     `injected` and `survived` count cycles; a row's label says how many faults a cycle of it holds when
     more than one (streams cut, failed loads, refused writes).  `acknowledged` counts documents, or
-    Embed requests answered for the model swap; `lost` counts acknowledged documents lost, or requests failed.
+    Embed requests answered for the model swap, or health Checks within budget for the stall; `lost` counts
+    acknowledged documents lost, or requests failed (Checks over budget or failed, for the stall).
     """
     rows = []
     failed = False
@@ -76,6 +84,7 @@ def table(reports: Sequence[CycleReport], total_acknowledged: int) -> tuple[str,
             FAULT_STORM: f"{kind}, {faults} streams cut",
             FAULT_SWAP: f"{kind}, {faults} failed loads",
             FAULT_DISK: f"{kind}, {faults} writes refused",
+            FAULT_STALL: f"{kind}, worst {max(r.worst_ms for r in group):.0f} ms",
         }.get(kind, kind)
         injected = len(group) if kind in (FAULT_STORM, FAULT_SWAP, FAULT_DISK) else faults
         if kind in REQUEST_FAULTS:
@@ -159,7 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the store ahead of the snapshot), then the other half of the kills, which replay on top of that.
     plan = (
         ["kill"] * (args.cycles // 2)
-        + ["sigterm", "truncate", "snapshot-written", "snapshot-renamed", "storm", "swap", "disk"]
+        + ["sigterm", "truncate", "snapshot-written", "snapshot-renamed"]
+        + [f"reembed:{at}" for at in REEMBED_KILLS]
+        + ["storm", "stall", "swap", "disk"]
         + ["kill"] * (args.cycles - args.cycles // 2)
     )
     aborted = ""
@@ -170,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report = storm_cycle(run, args.storm_clients, args.storm_rounds)
             elif step == "swap":
                 report = model_swap_cycle(run, args.swap_repeats)
+            elif step == "stall":
+                report = stall_cycle(run)
+            elif step.startswith("reembed:"):
+                report = reembed_kill_cycle(run, step.removeprefix("reembed:"))
             elif step == "disk":
                 report = disk_full_cycle(run)
             elif step == "sigterm":

@@ -98,6 +98,7 @@ def running_server(options: ServerOptions) -> Iterator[Server]:
     env.update(
         OPENEMPLOI_COLLECTIONS_DIR=str(options.collections_dir),
         OPENEMPLOI_METRICS_PORT=str(metrics_port),
+        OPENEMPLOI_HTTP_PORT="0",  # other servers on this machine may hold 8080
         OPENEMPLOI_ROME_COLLECTION="true" if options.rome else "false",
         OPENEMPLOI_PROGRESS="true",
     )

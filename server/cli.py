@@ -53,6 +53,35 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_catalogues(args: argparse.Namespace) -> int:
+    """Start as `serve` would, on a private port, until ready, then stop: the catalogue collections
+    `serve` indexes at its first start (rome, ...) are then on disk, and later starts only open them."""
+    from .app import start_server
+
+    overrides = {"model_repository": args.model_repository, "host": "127.0.0.1", "port": 0, "metrics": False, "http": False}
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"openemploi: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, config.log_json)
+    _limit_malloc_arenas()
+
+    async def index() -> list[str]:
+        running = await start_server(config)
+        names = running.collections.names()
+        await running.stop(0)
+        return names
+
+    try:
+        names = asyncio.run(index())
+    except ConfigError as exc:
+        print(f"openemploi: {exc}", file=sys.stderr)
+        return 2
+    print(f"collections in {config.collections_dir}: {', '.join(sorted(names)) or '(none)'}")
+    return 0
+
+
 TOKEN_ENV = "OPENEMPLOI_TOKEN"
 
 
@@ -206,6 +235,10 @@ def _models(args: argparse.Namespace) -> int:
             print(f"{name}: " + (", ".join(v.version for v in versions) if versions else "(not built)"))
         return 0
     configure_logging("WARNING", json_lines=False)
+    if args.models_command == "finetune":
+        from .build import finetune_cli
+
+        return finetune_cli.run(args)
     if args.models_command == "add":
         from .build.add import AddOptions, add_model
         from .runtime.spec import SpecError
@@ -243,6 +276,11 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-repository", default=None)
     serve.add_argument("--models", default=None, help="comma-separated models to load at start")
     serve.set_defaults(func=_serve)
+
+    catalogues = sub.add_parser("index-catalogues", help="index the catalogue collections serve keeps (rome, ...), then exit")
+    catalogues.add_argument("--config", type=Path, default=None, help="TOML config file")
+    catalogues.add_argument("--model-repository", default=None)
+    catalogues.set_defaults(func=_index_catalogues)
 
     embed = sub.add_parser("embed", help="embed texts through a running server")
     embed.add_argument("texts", nargs="+")
@@ -290,6 +328,9 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--force", action="store_true")
     add.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None)
     add.add_argument("--no-progress", action="store_true")
+    from .build import finetune_cli
+
+    finetune_cli.add_parser(msub)
     models.set_defaults(func=_models)
 
     tokens = sub.add_parser("tokens", help="bearer tokens of the tokens file (security.tokens_file)")

@@ -15,8 +15,10 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
+from .backends.base import parse_option
 from .backends.options import BackendConfig
 from .batching import BatcherConfig
 
@@ -47,6 +49,9 @@ class LimitsConfig:
     max_filter_terms: int = 256  # filter values + skills_all + skills_any of one Search / MatchProfile (SQLite's tree)
     index_workers: int = 4  # threads for index and SQLite work, apart from embedding's
     max_index_queue: int = 256  # index calls waiting for a worker; beyond: RESOURCE_EXHAUSTED, retry with backoff
+    skills_max_k: int = 100  # ExtractSkills / SuggestTransitions results: beyond 100 skills or jobs nobody reads on
+    skills_max_text_chars: int = 20_000  # ExtractSkills / SuggestTransitions / DescribeNeeds text: a long CV or ad
+    skills_max_clauses: int = 200  # clauses of one text (+ free skill phrases), embedded in one batch: ~1 s on 2 cores
 
     def __post_init__(self) -> None:
         for limit in dataclasses.fields(self):
@@ -75,6 +80,31 @@ class SecurityConfig:
             raise ValueError("security.tls_client_ca (mTLS) needs TLS: set security.tls_cert and security.tls_key")
 
 
+class TraceExporter(StrEnum):
+    """Where finished spans go (`[tracing] exporter`)."""
+
+    OTLP = "otlp"  # OTLP over gRPC to `tracing.endpoint`: an OpenTelemetry collector, Jaeger, Tempo
+    CONSOLE = "console"  # one JSON object per span on stdout: to look at spans without a collector
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    """OpenTelemetry spans per request; off: no tracer provider, no interceptor, no span objects."""
+
+    enabled: bool = False
+    exporter: TraceExporter = TraceExporter.OTLP
+    endpoint: str = "http://127.0.0.1:4317"  # OTLP/gRPC collector; http:// sends in plaintext, https:// with TLS
+    service_name: str = "openemploi"  # `service.name` of every span
+    sample_ratio: float = 1.0  # share of new traces recorded; a caller's traceparent decides for its own trace
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exporter", parse_option(TraceExporter, self.exporter, "tracing.exporter"))
+        if not 0.0 <= self.sample_ratio <= 1.0:
+            raise ValueError(f"tracing.sample_ratio must be between 0 and 1, got {self.sample_ratio}")
+        if not self.service_name.strip():
+            raise ValueError("tracing.service_name must not be empty")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -88,14 +118,18 @@ class ServerConfig:
     reflection: bool = True
     collections_dir: Path = Path("var/collections")
     rome_collection: bool = True  # index the ROME catalogue into collection "rome" at start
+    skills_collection: bool = True  # index ESCO skills into "esco_skills" at start (SkillsService); needs rome_collection
     progress: bool = True  # progress bars for first-start indexing
     metrics: bool = True  # Prometheus endpoint on its own port
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9100  # 0 picks a free port
+    http: bool = True  # the HTTP API (OpenAI-compatible embeddings, JSON routes) in the same process, on `host`
+    http_port: int = 8080  # 0 picks a free port
     batching: BatcherConfig = field(default_factory=BatcherConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     @property
     def address(self) -> str:

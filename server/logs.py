@@ -1,4 +1,8 @@
-"""Structured JSON logs (one object per line), so log pipelines need no regex."""
+"""Structured JSON logs (one object per line), so log pipelines need no regex.
+
+A line logged inside a traced request carries its `trace_id` and `span_id`, so a log search
+leads to the trace and back.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import json
 import logging
 import sys
 import time
+
+from .tracing import current_ids
 
 
 class JsonFormatter(logging.Formatter):
@@ -18,6 +24,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        ids = current_ids()
+        if ids is not None:
+            payload["trace_id"], payload["span_id"] = ids
         for key, value in vars(record).items():
             if key not in self._STANDARD and not key.startswith("_"):
                 payload[key] = value

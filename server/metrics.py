@@ -1,4 +1,4 @@
-"""Prometheus metrics (prefix `openemploi_`) on their own HTTP port.
+"""Prometheus metrics (prefix `openemploi_`, plus the standard `process_` and `python_` ones) on their own HTTP port.
 
 Each server owns its CollectorRegistry (no global state), so tests can run
 several servers in one process. Request metrics come from a gRPC interceptor;
@@ -16,7 +16,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 
 from .batching import BatchStats
@@ -76,6 +84,11 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # The process as the kernel sees it (process_resident_memory_bytes, process_cpu_seconds_total,
+        # process_open_fds), the interpreter's garbage collector and version, read at scrape time.
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
+        PlatformCollector(registry=r)
         self.requests = Counter("openemploi_requests", "gRPC requests by method and status code", ["rpc", "code"], registry=r)
         self.request_seconds = Histogram(
             "openemploi_request_duration_seconds", "gRPC request duration", ["rpc"], buckets=LATENCY_BUCKETS, registry=r
@@ -102,6 +115,16 @@ class Metrics:
             ["model", "version"],
             registry=r,
         )
+        self.http_requests = Counter(
+            "openemploi_http_requests", "HTTP API requests by route and status", ["route", "status"], registry=r
+        )
+        self.http_request_seconds = Histogram(
+            "openemploi_http_request_duration_seconds",
+            "HTTP API request duration",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self._http: WSGIServer | None = None
 
     def watch(self, gauges: Gauges) -> None:
@@ -125,6 +148,10 @@ class Metrics:
         reason = REJECTIONS.get(code)
         if reason:
             self.rejected.labels(rpc, reason).inc()
+
+    def observe_http(self, route: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(route, str(status)).inc()
+        self.http_request_seconds.labels(route).observe(seconds)
 
     def serve(self, host: str, port: int) -> int:
         """Start the scrape endpoint; returns the bound port (port 0 picks a free one)."""

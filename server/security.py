@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
@@ -41,6 +43,10 @@ RPC_SCOPES: Mapping[str, str] = {
     "/openemploi.v1.MatchService/MatchOccupation": SEARCH,
     "/openemploi.v1.MatchService/MatchProfile": SEARCH,
     "/openemploi.v1.ModelService/ListModels": SEARCH,
+    "/openemploi.v1.SkillsService/ExtractSkills": SEARCH,
+    "/openemploi.v1.SkillsService/GetOccupation": SEARCH,
+    "/openemploi.v1.SkillsService/SuggestTransitions": SEARCH,
+    "/openemploi.v1.SkillsService/DescribeNeeds": SEARCH,
     "/openemploi.v1.IndexService/Upsert": INGEST,
     "/openemploi.v1.IndexService/Delete": INGEST,
     "/openemploi.v1.IndexService/CreateCollection": ADMIN,
@@ -63,6 +69,7 @@ OPEN_SERVICES = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME, "grpc.r
 TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 TOKEN_PREFIX = "oe_"
 MISSING_TOKEN = "missing bearer token: send metadata 'authorization: Bearer <token>'"
+ERROR_DOMAIN = "openemploi.v1"  # ErrorInfo.domain, as the API's own errors
 
 
 class TokenFileError(ConfigError):
@@ -193,7 +200,11 @@ def _metadata(details: grpc.HandlerCallDetails, key: str) -> str | None:
 
 def bearer_token(details: grpc.HandlerCallDetails) -> str | None:
     """The token of `authorization: Bearer <token>` (scheme case-insensitive), None when absent or malformed."""
-    value = _metadata(details, "authorization")
+    return parse_bearer(_metadata(details, "authorization"))
+
+
+def parse_bearer(value: str | None) -> str | None:
+    """The token of an `authorization` value (gRPC metadata or HTTP header), None when absent or malformed."""
     if value is None:
         return None
     scheme, _, token = value.strip().partition(" ")
@@ -201,12 +212,28 @@ def bearer_token(details: grpc.HandlerCallDetails) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, request_id: str) -> grpc.RpcMethodHandler:
+@dataclass(frozen=True)
+class Refusal:
+    """Why a call is refused: its status, and a stable reason (the ErrorInfo reason of the API's errors)."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str
+
+    def trailing_metadata(self, request_id: str) -> tuple[tuple[str, str | bytes], ...]:
+        details = error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN)
+        packed = any_pb2.Any()
+        packed.Pack(details)
+        rich = status_pb2.Status(code=self.code.value[0], message=self.message, details=[packed])
+        return (("x-request-id", request_id), ("grpc-status-details-bin", rich.SerializeToString()))
+
+
+def _refusing(handler: grpc.RpcMethodHandler, refusal: Refusal, request_id: str) -> grpc.RpcMethodHandler:
     """The same kind of handler, that aborts at once and never parses the request."""
 
     async def refuse(context: grpc.aio.ServicerContext) -> None:
-        context.set_trailing_metadata((("x-request-id", request_id),))
-        await context.abort(code, message)
+        context.set_trailing_metadata(refusal.trailing_metadata(request_id))
+        await context.abort(refusal.code, refusal.message)
 
     async def unary_response(request_or_iterator, context):
         await refuse(context)
@@ -228,24 +255,19 @@ def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: st
 
 
 def _guarding_managed(
-    handler: grpc.RpcMethodHandler, field: str, managed: frozenset[str], caller: str, request_id: str
+    handler: grpc.RpcMethodHandler, guard: AuthInterceptor, method: str, caller: Token, request_id: str
 ) -> grpc.RpcMethodHandler:
-    """The same unary handler, refusing a parsed request whose `field` names a managed collection.
+    """The same unary handler, refusing a parsed request that writes to a managed collection.
 
     The collection is in the request body, which only the handler parses: the check waits for it.
     """
     behaviour = handler.unary_unary
 
     async def guarded(request, context):
-        name = getattr(request, field, None)  # an unparsed request has none: the servicer refuses it
-        if name in managed:
-            message = (
-                f"collection {name!r} is managed by the server (config rome_collection): "
-                f"token {caller!r} may not change it, only a token with scope {ADMIN!r}"
-            )
-            log.warning("write refused: %s", message, extra={"request_id": request_id, "caller": caller})
-            context.set_trailing_metadata((("x-request-id", request_id),))
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+        refusal = guard.check_write(method, request, caller, request_id)
+        if refusal is not None:
+            context.set_trailing_metadata(refusal.trailing_metadata(request_id))
+            await context.abort(refusal.code, refusal.message)
         return await behaviour(request, context)
 
     return handler._replace(unary_unary=guarded)
@@ -262,41 +284,62 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._scopes = scopes
         self._managed = managed
 
+    def authorize(self, method: str, token: str | None, request_id: str) -> Token | Refusal:
+        """The caller of `method` (a gRPC path) with `token`, or why it is refused (logged). Shared by gRPC and HTTP."""
+        caller: Token | None = None
+        if token is None:
+            refusal = Refusal(grpc.StatusCode.UNAUTHENTICATED, MISSING_TOKEN, "MISSING_TOKEN")
+        elif (caller := self._store.lookup(token)) is None:
+            refusal = Refusal(grpc.StatusCode.UNAUTHENTICATED, "unknown bearer token", "UNKNOWN_TOKEN")
+        else:
+            scope = self._scopes.get(method)
+            if scope is None:
+                message = f"{method} has no scope in server/security.py RPC_SCOPES; refused for every caller"
+                refusal = Refusal(grpc.StatusCode.PERMISSION_DENIED, message, "METHOD_CLOSED")
+            elif not caller.allows(scope):
+                message = f"token {caller.name!r} lacks scope {scope!r}, needed for {method}"
+                refusal = Refusal(grpc.StatusCode.PERMISSION_DENIED, message, "SCOPE_MISSING")
+            else:
+                log.debug("%s called by token %s", method, caller.name, extra={"request_id": request_id, "caller": caller.name})
+                return caller
+        log.warning(
+            "%s refused: %s",
+            method,
+            refusal.code.name,
+            extra={"request_id": request_id, "caller": caller.name if caller else "-", "reason": refusal.message},
+        )
+        return refusal
+
+    def guards_writes(self, method: str, caller: Token) -> bool:
+        """Whether `method`'s request must pass `check_write` once parsed."""
+        return method in COLLECTION_WRITES and bool(self._managed) and not caller.allows(ADMIN)
+
+    def check_write(self, method: str, request: object, caller: Token, request_id: str) -> Refusal | None:
+        """A write by `caller` to a managed collection is refused (logged); None lets it through."""
+        field = COLLECTION_WRITES.get(method)
+        name = getattr(request, field, None) if field else None  # an unparsed request has none: the servicer refuses it
+        if name not in self._managed or caller.allows(ADMIN):
+            return None
+        message = (
+            f"collection {name!r} is managed by the server (config rome_collection): "
+            f"token {caller.name!r} may not change it, only a token with scope {ADMIN!r}"
+        )
+        log.warning("write refused: %s", message, extra={"request_id": request_id, "caller": caller.name})
+        return Refusal(grpc.StatusCode.PERMISSION_DENIED, message, "MANAGED_COLLECTION")
+
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         service = method.lstrip("/").rpartition("/")[0]
         handler = await continuation(handler_call_details)
         if handler is None or service in OPEN_SERVICES:
             return handler
-        rid = _metadata(handler_call_details, "x-request-id") or uuid.uuid4().hex
-        rid = rid[:128]
-        token = bearer_token(handler_call_details)
-        if token is None:
-            code, message, who = grpc.StatusCode.UNAUTHENTICATED, MISSING_TOKEN, None
-        elif (caller := self._store.lookup(token)) is None:
-            code, message, who = grpc.StatusCode.UNAUTHENTICATED, "unknown bearer token", None
-        else:
-            who = caller.name
-            scope = self._scopes.get(method)
-            if scope is None:
-                code = grpc.StatusCode.PERMISSION_DENIED
-                message = f"{method} has no scope in server/security.py RPC_SCOPES; refused for every caller"
-            elif not caller.allows(scope):
-                code = grpc.StatusCode.PERMISSION_DENIED
-                message = f"token {caller.name!r} lacks scope {scope!r}, needed for {method}"
-            else:
-                log.debug("%s called by token %s", method, caller.name, extra={"request_id": rid, "caller": caller.name})
-                field = COLLECTION_WRITES.get(method)
-                if field is None or not self._managed or caller.allows(ADMIN) or handler.unary_unary is None:
-                    return handler
-                return _guarding_managed(handler, field, self._managed, caller.name, rid)
-        log.warning(
-            "%s refused: %s",
-            method,
-            code.name,
-            extra={"request_id": rid, "caller": who or "-", "reason": message},
-        )
-        return _refusing(handler, code, message, rid)
+        rid = (_metadata(handler_call_details, "x-request-id") or uuid.uuid4().hex)[:128]
+        caller = self.authorize(method, bearer_token(handler_call_details), rid)
+        if isinstance(caller, Refusal):
+            return _refusing(handler, caller, rid)
+        if not self.guards_writes(method, caller) or handler.unary_unary is None:
+            return handler
+        return _guarding_managed(handler, self, method, caller, rid)
 
 
 def require_private(path: Path) -> None:

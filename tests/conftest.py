@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,8 +33,56 @@ def default_version(model_repository: ModelRepository) -> ModelVersion:
         return build_model(model_repository, DEFAULT_MODEL, BuildOptions(progress=False))
 
 
+CATALOGUES = Path(os.environ.get("OPENEMPLOI_TEST_CATALOGUES", REPO_ROOT / ".cache" / "test-catalogues"))
+
+
+@pytest.fixture(scope="session")
+def catalogues(default_version: ModelVersion) -> Path:
+    """`rome` and `esco_skills`, indexed once for every test that needs a catalogue (minutes on 2 cores).
+
+    Kept across sessions in a git-ignored folder: `openemploi index-catalogues` re-indexes only when the
+    data or the model version changed, as a production start does. A lock lets one session build it.
+    Tests never serve this folder itself: they take a `catalogue_copy`.
+    """
+    CATALOGUES.mkdir(parents=True, exist_ok=True)
+    with open(CATALOGUES.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OPENEMPLOI_")}
+        env.update(
+            OPENEMPLOI_COLLECTIONS_DIR=str(CATALOGUES),
+            OPENEMPLOI_ROME_COLLECTION="true",
+            OPENEMPLOI_SKILLS_COLLECTION="true",
+            OPENEMPLOI_PROGRESS="false",
+            OPENEMPLOI_DEFAULT_MODEL=default_version.name,
+            OPENEMPLOI_MODELS=default_version.name,
+        )
+        command = [
+            sys.executable,
+            "-P",
+            "-m",
+            "openemploi.cli",
+            "index-catalogues",
+            "--model-repository",
+            str(REPO_ROOT / "models"),
+        ]
+        subprocess.run(command, env=env, cwd=REPO_ROOT, check=True, timeout=3600)
+    return CATALOGUES
+
+
+@pytest.fixture(scope="session")
+def catalogue_copy(catalogues: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[], Path]:
+    """A fresh collections folder holding the indexed catalogues, for one server to own and write to."""
+
+    def copy() -> Path:
+        target = tmp_path_factory.mktemp("catalogues") / "collections"
+        shutil.copytree(catalogues, target, symlinks=True)
+        return target
+
+    return copy
+
+
 INTEGRATION_FOLDERS = ("api", "build")
-MODEL_FIXTURES = {"default_version", "model_repository"}
+MODEL_FIXTURES = {"default_version", "model_repository", "catalogues", "catalogue_copy"}
 SLOW_MODULES = {
     "test_add_build.py",
     "test_crash_recovery.py",

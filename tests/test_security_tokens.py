@@ -24,7 +24,7 @@ from openemploi.security import (
     interceptors,
     server_credentials,
 )
-from openemploi.v1 import embedding_pb2, index_pb2, match_pb2, models_pb2
+from openemploi.v1 import embedding_pb2, index_pb2, match_pb2, models_pb2, skills_pb2
 
 DIGEST = hashlib.sha256(b"s3cret").hexdigest()
 
@@ -36,7 +36,7 @@ def entry(name: str = "svc-x", sha256: str = DIGEST, scopes: str = '["embed", "s
 def test_every_rpc_of_every_service_has_a_scope_and_no_stale_entries():
     methods = {
         f"/{service.full_name}/{method.name}"
-        for module in (embedding_pb2, index_pb2, match_pb2, models_pb2)
+        for module in (embedding_pb2, index_pb2, match_pb2, models_pb2, skills_pb2)
         for service in module.DESCRIPTOR.services_by_name.values()
         for method in service.methods
     }

@@ -18,6 +18,7 @@ from ..index.vectors import IndexParams
 from ..runtime.registry import LoadedModel, ModelRegistry
 from ..runtime.repository import ModelNotFound
 from ..tokenize import TextKind
+from ..tracing import DISABLED, Tracing
 from . import rpc
 from .errors import RequestError, failed_precondition, invalid
 from .validation import (
@@ -88,11 +89,19 @@ def as_vector(values: Sequence[float]) -> np.ndarray:
 
 
 class IndexServicer(index_pb2_grpc.IndexServiceServicer):
-    def __init__(self, manager: CollectionManager, registry: ModelRegistry, limits: LimitsConfig, pool: rpc.WorkPool) -> None:
+    def __init__(
+        self,
+        manager: CollectionManager,
+        registry: ModelRegistry,
+        limits: LimitsConfig,
+        pool: rpc.WorkPool,
+        tracing: Tracing = DISABLED,
+    ) -> None:
         self._manager = manager
         self._registry = registry
         self._limits = limits
         self._pool = pool
+        self._tracing = tracing
         self._reembedding: dict[str, asyncio.Future] = {}  # collection -> its running re-embed
 
     @rpc.unary
@@ -181,7 +190,8 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     async def Search(self, request: index_pb2.SearchRequest, call: rpc.Call) -> index_pb2.SearchResponse:
         collection = self._manager.get(request.collection)
         query = await search_query(self._registry, collection, request, call.deadline, self._limits)
-        result = await self._pool.run(call, collection.search, query)
+        with self._tracing.span("index.search", collection=collection.spec.name, k=query.k, hybrid=query.hybrid):
+            result = await self._pool.run(call, collection.search, query)
         hits = [
             index_pb2.SearchHit(
                 id=h.document.id,

@@ -2,8 +2,9 @@
 
 A servicer method is written as `body(self, request, call)` and decorated with
 `unary` or `stream`; it returns (or yields) responses, or raises. The wrapper
-answers a failure with `errors.status_for`, logs our own bugs with the request
-id, and sends the request id back in trailing metadata whatever the outcome.
+answers a failure with `errors.status_for` and its AIP-193 details (`grpc-status-details-bin`),
+logs our own bugs with the request id, and sends the request id back in trailing metadata
+whatever the outcome.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -22,15 +24,19 @@ from types import MappingProxyType, ModuleType
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 
-from .errors import RequestError, Status, status_for
+from . import status_details
+from .errors import ErrorDetails, RequestError, Status, details_for, status_for
 from .validation import Unparsed, request_parser, require_parsed
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
 MAX_REQUEST_ID_CHARS = 128  # a caller's id is echoed in metadata and logs: keep it bounded
+MIN_RETRY_S = 0.05  # the index pool's retry delay before any call was timed, and its floor
+MEAN_WEIGHT = 0.1  # weight of the newest call in the index pool's mean run time
 
 Request = TypeVar("Request", bound=Message)
 Response = TypeVar("Response", bound=Message)
@@ -77,14 +83,15 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-async def fail(context: grpc.aio.ServicerContext, call: Call, status: Status) -> NoReturn:
-    """End the call with `status`; raises, as context.abort does.
+async def fail(context: grpc.aio.ServicerContext, call: Call, status: Status, details: ErrorDetails) -> NoReturn:
+    """End the call with `status` and its details; raises, as context.abort does.
 
     Called outside the `except` block that caught the failure: gRPC keeps the abort's exception
     alive, and chained to ours it would keep the failure's frames (a failed LoadModel's
     half-built model) alive too.
     """
-    context.set_trailing_metadata(call.request_id_metadata())
+    rich = (status_details.DETAILS_KEY, status_details.encode(status, details))
+    context.set_trailing_metadata((*call.request_id_metadata(), rich))  # a -bin key takes bytes
     await context.abort(status.code, status.message)
     raise AssertionError("grpc's context.abort returned instead of raising")
 
@@ -95,13 +102,21 @@ class WorkPool:
     Apart from asyncio's default pool, which embedding and shutdown use, so a flood of searches
     cannot starve them; bounded, so a backlog is refused rather than grown. Work whose call was
     cancelled, or whose deadline passed, while it queued never runs: nobody waits for its answer.
+    A refusal carries a retry delay: the calls ahead, shared by the workers, at their mean duration.
     """
 
     def __init__(self, workers: int, max_queue: int) -> None:
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="openemploi-index")
+        self._workers = workers
         self._capacity = workers + max_queue
         self._lock = threading.Lock()
         self._in_flight = 0
+        self._mean_s = 0.0  # moving average of a call's run time, for the retry delay
+
+    def retry_after_s(self) -> float:
+        """When a refused call may find room: the work ahead of it drained by the workers."""
+        ahead = max(0, self._in_flight - self._workers) / self._workers + 1.0
+        return max(MIN_RETRY_S, ahead * self._mean_s)
 
     @property
     def in_flight(self) -> int:
@@ -115,6 +130,8 @@ class WorkPool:
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"{self._in_flight} index calls are queued or running, the most this server takes "
                     "(limits.index_workers + limits.max_index_queue); retry with backoff",
+                    reason="INDEX_POOL_FULL",
+                    retry_after_s=self.retry_after_s(),
                 )
             self._in_flight += 1
         queued_at = time.monotonic()
@@ -126,7 +143,12 @@ class WorkPool:
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                     f"deadline passed after {now - queued_at:.3f}s waiting for an index worker (limits.index_workers)",
                 )
-            return work(*args, **kwargs)
+            try:
+                return work(*args, **kwargs)
+            finally:
+                elapsed = time.monotonic() - now
+                with self._lock:
+                    self._mean_s += MEAN_WEIGHT * (elapsed - self._mean_s) if self._mean_s else elapsed
 
         future: Future[Result] = self._executor.submit(start)
         future.add_done_callback(self._release)  # also when cancelled while queued
@@ -155,11 +177,11 @@ def unary(body: UnaryBody) -> UnaryHandler:
             require_parsed(request)
             response = await body(self, request, call)
         except Exception as exc:
-            status = call.status_of(exc)
+            status, details = call.status_of(exc), details_for(exc)
         else:
             context.set_trailing_metadata(call.request_id_metadata() + tuple(call.extra_trailing_metadata))
             return response
-        await fail(context, call, status)
+        await fail(context, call, status, details)
 
     return handler
 
@@ -184,11 +206,11 @@ def stream(body: StreamBody) -> StreamHandler:
                 async for response in responses:
                     yield response
         except Exception as exc:
-            status = call.status_of(exc)
+            status, details = call.status_of(exc), details_for(exc)
         else:
             context.set_trailing_metadata(call.request_id_metadata() + tuple(call.extra_trailing_metadata))
             return
-        await fail(context, call, status)
+        await fail(context, call, status, details)
 
     return handler
 
@@ -203,11 +225,29 @@ _HANDLER_FACTORIES = MappingProxyType(
 )
 
 
+@dataclass(frozen=True)
+class Registered:
+    """A service registered on a server: the HTTP API calls the same servicer through it."""
+
+    servicer: object
+    pb_module: ModuleType
+    descriptor: ServiceDescriptor
+
+
+_REGISTERED: weakref.WeakKeyDictionary[grpc.aio.Server, dict[str, Registered]] = weakref.WeakKeyDictionary()
+
+
+def registered_services(server: grpc.aio.Server) -> Mapping[str, Registered]:
+    """The services `register_service` put on `server`, by full name ("openemploi.v1.MatchService")."""
+    return MappingProxyType(_REGISTERED.get(server, {}))
+
+
 def register_service(
     servicer: object, server: grpc.aio.Server, pb_module: ModuleType, service: str, strings: str = "strings"
 ) -> None:
     """Register every method of `service` with parsers that never raise; `strings` names what must be UTF-8."""
     descriptor = pb_module.DESCRIPTOR.services_by_name[service]
+    _REGISTERED.setdefault(server, {})[descriptor.full_name] = Registered(servicer, pb_module, descriptor)
     handlers = {
         method.name: _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)](
             getattr(servicer, method.name),

@@ -26,6 +26,7 @@ from openemploi.kernels import RRF_K, fuse_topk, fusion_candidates
 from . import layout, snapshot
 from .durable import SWAP_STAGED, SWAP_SWITCHED, crash_point
 from .layout import NAME_PATTERN
+from .rebuild import IndexBuilder, Rebuilder, build_index
 from .store import NewDocument, StorageFull, Store, StoredDocument, storage_full
 from .text import LEXICAL_FORM_VERSION, fts_query
 from .vectors import MAX_K, GpuPool, IndexParams, VectorIndex
@@ -40,7 +41,9 @@ class CollectionError(Exception):
 
 
 class CollectionNotFound(CollectionError):
-    pass
+    def __init__(self, message: str, resource_name: str = "") -> None:
+        super().__init__(message)
+        self.resource_name = resource_name  # the collection: the API's ResourceInfo
 
 
 class CollectionExists(CollectionError):
@@ -104,20 +107,26 @@ class Collection:
     SNAPSHOT_EVERY = 20_000  # changes between automatic index snapshots
     SNAPSHOT_RETRY_EVERY = 2_000  # changes before an automatic snapshot that failed (full disk) is tried again
 
-    def __init__(self, folder: Path, spec: CollectionSpec, store: Store, gpus: GpuPool | None) -> None:
+    def __init__(
+        self, folder: Path, spec: CollectionSpec, store: Store, gpus: GpuPool | None, build: IndexBuilder = build_index
+    ) -> None:
         self.folder = folder
         self.spec = spec
         self.store = store
-        self.index = VectorIndex(spec.dim, spec.params, gpus, spec.name)
+        self.gpus = gpus
+        self.index = VectorIndex(spec.dim, spec.params, gpus, spec.name)  # swapped whole by a background rebuild
         self._write_lock = threading.RLock()  # writes and snapshots; reads never take it
         self._applied_seq = 0
         self._snapshot_seq = 0
         self._snapshot_retry_seq = 0  # after a failed automatic snapshot, none before this sequence
         self.closed = False
+        self.rebuilds = Rebuilder(self, build)  # kind switches and tombstone clean-ups, in the background
 
     # -- lifecycle ---------------------------------------------------------------
     @classmethod
-    def create(cls, folder: Path, spec: CollectionSpec, gpus: GpuPool | None = None) -> Collection:
+    def create(
+        cls, folder: Path, spec: CollectionSpec, gpus: GpuPool | None = None, build: IndexBuilder = build_index
+    ) -> Collection:
         folder.mkdir(parents=True, exist_ok=False)
         store = Store(folder / "store.sqlite", spec.dim)
         created = spec.created_at or dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -134,9 +143,8 @@ class Collection:
                     "lexical_form": LEXICAL_FORM_VERSION,
                 }
             )
-            collection = cls(
-                folder, CollectionSpec(spec.name, spec.model, spec.model_version, spec.dim, spec.params, created), store, gpus
-            )
+            spec = CollectionSpec(spec.name, spec.model, spec.model_version, spec.dim, spec.params, created)
+            collection = cls(folder, spec, store, gpus, build)
             collection.snapshot()
         except BaseException:
             store.close()
@@ -144,7 +152,7 @@ class Collection:
         return collection
 
     @classmethod
-    def open(cls, folder: Path, gpus: GpuPool | None = None) -> Collection:
+    def open(cls, folder: Path, gpus: GpuPool | None = None, build: IndexBuilder = build_index) -> Collection:
         probe = Store(folder / "store.sqlite", 1)
         info = {k: probe.get_info(k) for k in ("name", "model", "model_version", "dim", "index_params", "created_at")}
         probe.close()
@@ -156,7 +164,7 @@ class Collection:
             IndexParams.from_json(info["index_params"]),
             info["created_at"],
         )
-        collection = cls(folder, spec, Store(folder / "store.sqlite", spec.dim), gpus)
+        collection = cls(folder, spec, Store(folder / "store.sqlite", spec.dim), gpus, build)
         try:
             refolded = collection.store.refresh_lexical()
             if refolded:
@@ -168,6 +176,7 @@ class Collection:
         return collection
 
     def _recover(self) -> None:
+        snapshot.remove_temps(self.folder)
         try:
             state, seq = snapshot.read(self.folder, self.spec.dim)
             if seq > self.store.last_seq():
@@ -185,19 +194,14 @@ class Collection:
             log.warning("collection %s: index snapshot unusable (%s); rebuilding from the store", self.spec.name, exc)
             self._rebuild()
         self._applied_seq = self.store.last_seq()
-        self._maybe_reshape()
+        self.rebuilds.maybe_start()
 
     def _rebuild(self) -> None:
+        """Inline, while opening: there is no index to serve from until it is built."""
         kind = self.index.target_kind(self.store.count())
         self.index.rebuild(kind, self.store.live_vectors())
         self._applied_seq = self.store.last_seq()
         self._snapshot_or_log()
-
-    def _maybe_reshape(self) -> None:
-        """Switch index type when the size crosses flat_max, and drop HNSW tombstones when many."""
-        live = self.store.count()
-        if self.index.target_kind(live) != self.index.kind or self.index.tombstone_share > 0.2:
-            self._rebuild()
 
     def snapshot(self) -> None:
         """Write the index with its sequence as one file, switched by one rename (see snapshot.py).
@@ -226,7 +230,7 @@ class Collection:
         snapshot.switch(self.folder)
         self._snapshot_seq = seq
         try:
-            self.store.purge_dead(seq)
+            self.store.purge_dead(self.rebuilds.purge_floor(seq))
         except sqlite3.Error as exc:  # only housekeeping: the next snapshot purges them
             log.warning("collection %s: dead rows not purged after snapshot %d (%s)", self.spec.name, seq, exc)
 
@@ -251,6 +255,7 @@ class Collection:
             return False
 
     def close(self) -> None:
+        self.rebuilds.stop()  # before the write lock, which a rebuild's last step takes
         with self._write_lock:
             try:
                 if self._applied_seq != self._snapshot_seq:
@@ -284,7 +289,7 @@ class Collection:
 
     def _after_change(self, seq: int) -> None:
         self._applied_seq = seq
-        self._maybe_reshape()
+        self.rebuilds.maybe_start()
         if self._applied_seq - self._snapshot_seq >= self.SNAPSHOT_EVERY and self._applied_seq >= self._snapshot_retry_seq:
             self._snapshot_or_log()  # the change is committed: a snapshot failure must not fail its write
 
@@ -391,8 +396,9 @@ class CollectionManager:
     while waiting for a write lock, so a re-embed's switch, a drop and a shutdown cannot deadlock.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, build: IndexBuilder = build_index) -> None:
         self.root = Path(root)
+        self._build = build
         self.root.mkdir(parents=True, exist_ok=True)
         self.gpus = GpuPool()
         self._lock = threading.Lock()
@@ -401,7 +407,7 @@ class CollectionManager:
         self._unavailable: dict[str, str] = {}  # name -> why it could not be opened at start
         for name, folder in layout.recover(self.root).folders.items():
             try:
-                self._collections[name] = Collection.open(folder, self.gpus)
+                self._collections[name] = Collection.open(folder, self.gpus, self._build)
             except Exception as exc:  # one broken collection must not keep the others from serving
                 self._unavailable[name] = f"{type(exc).__name__}: {exc}"
                 log.error("collection %s could not be opened and is set aside (%s); the others serve", name, exc)
@@ -418,14 +424,14 @@ class CollectionManager:
             staging = self.root / f".creating-{spec.name}"
             shutil.rmtree(staging, ignore_errors=True)
             try:
-                collection = Collection.create(staging, spec, self.gpus)
+                collection = Collection.create(staging, spec, self.gpus, self._build)
             except BaseException:  # e.g. StorageFull: leave no half-made folder behind
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
             collection.store.close()
             generation = layout.install(self.root, staging, spec.name)
             layout.point(self.root, spec.name, generation)
-            collection = Collection.open(generation, self.gpus)
+            collection = Collection.open(generation, self.gpus, self._build)
             self._collections[spec.name] = collection
             return collection
 
@@ -437,7 +443,7 @@ class CollectionManager:
                     f"collection {name!r} could not be opened at start ({self._unavailable[name]}); "
                     "see the server log, then repair or drop it"
                 )
-            raise CollectionNotFound(f"collection {name!r} does not exist (have: {sorted(self._collections)})")
+            raise CollectionNotFound(f"collection {name!r} does not exist (have: {sorted(self._collections)})", name)
         return collection
 
     def names(self) -> list[str]:
@@ -455,20 +461,22 @@ class CollectionManager:
             generation = layout.install(self.root, staged, name)
             crash_point(SWAP_STAGED)
             expected.closed = True
+            expected.rebuilds.cancel()
             expected.store.close()
             if layout.is_legacy(self.root, name):
                 layout.retire(self.root, self.root / name, name)
             old_folder = layout.current_folder(self.root, name)
             layout.point(self.root, name, generation)
             crash_point(SWAP_SWITCHED)
-            fresh = Collection.open(generation, self.gpus)
+            fresh = Collection.open(generation, self.gpus, self._build)
             self._collections[name] = fresh
             shutil.rmtree(old_folder, ignore_errors=True)
             return fresh
 
     def drop(self, name: str) -> None:
         """Take the name away durably, then remove its folder; waits for a write in progress."""
-        while True:
+        dropped: Collection | None = None
+        while dropped is None:
             with self._lock:
                 if name in self._unavailable:
                     del self._unavailable[name]
@@ -480,9 +488,12 @@ class CollectionManager:
                     continue  # switched by a re-embed while we waited: drop the new one
                 del self._collections[name]
                 collection.closed = True
+                collection.rebuilds.cancel()
                 collection.store.close()
                 folder = layout.unpoint(self.root, name)
-                break
+                dropped = collection
+        if dropped is not None:
+            dropped.rebuilds.join()  # outside the write lock, which a rebuild's last step takes
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
 

@@ -72,6 +72,7 @@ async def reembed_collection(
         seen = await _copy_since(old, new, 0, embed, bar)
         while old.store.last_seq() - seen > FINAL_DELTA:  # catch up with writes made meanwhile
             seen = await _copy_since(old, new, seen, embed, bar)
+        await asyncio.to_thread(new.rebuilds.stop)  # the switched generation reopens and rebuilds if it must
         loop = asyncio.get_running_loop()
 
         def final_phase() -> tuple[Collection, int]:
@@ -97,6 +98,7 @@ async def reembed_collection(
         switched, documents = await asyncio.to_thread(final_phase)
     except BaseException:
         bar.close()
+        await asyncio.to_thread(new.rebuilds.stop)
         await asyncio.to_thread(_remove, staging)
         raise
     bar.close()

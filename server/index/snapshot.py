@@ -23,6 +23,7 @@ from .durable import SNAPSHOT_RENAMED, SNAPSHOT_WRITTEN, crash_point, fsync_dir
 
 SNAPSHOT_FILE = "index.faiss"
 TEMP_SUFFIX = ".tmp"
+REBUILD_TEMP_SUFFIX = ".rebuild.tmp"  # a background rebuild's snapshot, written while foreground snapshots go on
 LEGACY_FILES = ("index.json", "index.faiss.tomb.json")  # the sidecars of the older three-file snapshot
 MAGIC = b"OPENEMPLOI-INDEX-SNAPSHOT-1\n"
 END_MAGIC = b"\nEND-OF-SNAPSHOT"
@@ -43,13 +44,19 @@ class IndexState:
     tombstones: frozenset[int]
 
 
-def temp_path(folder: Path) -> Path:
-    return folder / (SNAPSHOT_FILE + TEMP_SUFFIX)
+def temp_path(folder: Path, suffix: str = TEMP_SUFFIX) -> Path:
+    return folder / (SNAPSHOT_FILE + suffix)
 
 
-def write_temp(folder: Path, state: IndexState, seq: int, dim: int) -> Path:
+def remove_temps(folder: Path) -> None:
+    """Temp snapshots a crash left behind: never read, only in the way."""
+    for suffix in (TEMP_SUFFIX, REBUILD_TEMP_SUFFIX):
+        temp_path(folder, suffix).unlink(missing_ok=True)
+
+
+def write_temp(folder: Path, state: IndexState, seq: int, dim: int, suffix: str = TEMP_SUFFIX) -> Path:
     """Write and fsync the snapshot under its temp name; nothing the next start reads is touched yet."""
-    path = temp_path(folder)
+    path = temp_path(folder, suffix)
     digest = hashlib.sha256()
     with open(path, "wb") as handle:
         handle.write(MAGIC)
@@ -78,10 +85,10 @@ def write_temp(folder: Path, state: IndexState, seq: int, dim: int) -> Path:
     return path
 
 
-def switch(folder: Path) -> None:
+def switch(folder: Path, suffix: str = TEMP_SUFFIX) -> None:
     """Rename the written temp snapshot over the current one and make the rename durable."""
     crash_point(SNAPSHOT_WRITTEN)
-    os.replace(temp_path(folder), folder / SNAPSHOT_FILE)
+    os.replace(temp_path(folder, suffix), folder / SNAPSHOT_FILE)
     crash_point(SNAPSHOT_RENAMED)
     fsync_dir(folder)
     for name in LEGACY_FILES:

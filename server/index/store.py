@@ -174,6 +174,17 @@ class Store:
             self._local.connection = connection
         return connection
 
+    @contextlib.contextmanager
+    def read_transaction(self) -> Iterator[None]:
+        """Reads in this thread see one state of the store (a WAL snapshot) until the block ends,
+        whatever commits meanwhile: a background rebuild reads its rows and their sequence together."""
+        db = self._reader()
+        db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            db.execute("COMMIT")
+
     # -- info ---------------------------------------------------------------
     def get_info(self, key: str, default: str = "") -> str:
         row = self._reader().execute("SELECT value FROM info WHERE key=?", (key,)).fetchone()

@@ -12,12 +12,14 @@ import json
 import logging
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import faiss
 import numpy as np
 
+from . import flat
 from .snapshot import IndexState
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,11 @@ log = logging.getLogger(__name__)
 MAX_K = 2048  # the deepest search the index runs; limits.max_k, what callers may ask, stays within it
 KINDS = ("auto", "flat", "hnsw", "ivf")
 IVF_MIN_TRAIN = 10_000
+# Hysteresis: an `auto` index grows to HNSW past flat_max and an `ivf` one trains at its threshold
+# (min(IVF_MIN_TRAIN, flat_max)); each goes back to Flat only below SHRINK_MARK x that mark, so a
+# collection hovering around a mark is not rebuilt on every write (see VectorIndex.target_kind).
+SHRINK_MARK = 0.8
+ADD_CHUNK = 10_000  # vectors per FAISS add in a rebuild: a cancelled rebuild stops between chunks
 # Bounds a new collection's parameters must stay within: past them FAISS fails to train or to allocate
 # only once documents arrive, after their write has committed.
 FLAT_MAX_LIMIT = 100_000_000
@@ -121,16 +128,21 @@ class VectorIndex:
         return index
 
     def target_kind(self, live: int) -> str:
-        """The kind this index should be for `live` vectors (auto switches past flat_max)."""
+        """The kind this index should be for `live` vectors, given the kind it is now (hysteresis, SHRINK_MARK)."""
         kind = self.params.kind
-        if kind == "auto":
-            return "hnsw" if live > self.params.flat_max else "flat"
-        if kind == "ivf":
-            return "ivf" if live >= min(IVF_MIN_TRAIN, self.params.flat_max) else "flat"
-        return kind
+        if kind not in ("auto", "ivf"):
+            return kind
+        larger, mark = ("hnsw", self.params.flat_max) if kind == "auto" else ("ivf", min(IVF_MIN_TRAIN, self.params.flat_max))
+        if self.kind == larger:
+            return larger if live >= SHRINK_MARK * mark else "flat"
+        grows = live > mark if kind == "auto" else live >= mark
+        return larger if grows else "flat"
 
-    def rebuild(self, kind: str, batches) -> None:
-        """Build a fresh index of `kind` from (ids, vectors) batches, then swap it in."""
+    def rebuild(self, kind: str, batches, check: Callable[[], None] = lambda: None) -> None:
+        """Build a fresh index of `kind` from (ids, vectors) batches, then swap it in.
+
+        `check` runs between chunks of ADD_CHUNK vectors; whatever it raises abandons the build.
+        """
         ids_all, vectors_all = [], []
         for ids, vectors in batches:
             ids_all.append(ids)
@@ -147,8 +159,9 @@ class VectorIndex:
         if kind == "ivf":
             sample = vectors[np.random.default_rng(0).permutation(len(vectors))[: nlist * 64]]
             fresh.train(sample)
-        if len(ids):
-            fresh.add_with_ids(vectors, ids)
+        for start in range(0, len(ids), ADD_CHUNK):
+            check()
+            fresh.add_with_ids(vectors[start : start + ADD_CHUNK], ids[start : start + ADD_CHUNK])
         with self._lock:
             self._index, self.kind = fresh, kind
             self._tombstones.clear()
@@ -221,6 +234,9 @@ class VectorIndex:
                 selector = keep[-1]
             if self._use_gpu(selector):
                 return self._gpu_search(queries, k)
+            exact = flat.search(self._index, queries, k, allowed, self._tombstones) if self.kind == "flat" else None
+            if exact is not None:  # BLAS beats faiss's Flat kernel below its BLAS threshold (flat.py)
+                return exact
             ef = max(self.params.hnsw_ef_search, k)
             params = self._params(selector)
             if self.kind == "hnsw":

@@ -15,10 +15,11 @@ from ..index.collection import Collection, Hit, SearchQuery
 from ..index.text import fold_skill, terms
 from ..index.vectors import MAX_K
 from .catalogue import Occupation, entries
+from .fusion import KINDS, Candidates, FusionTable
 
 OCCUPATION_POOL = 300  # entries retrieved per side before grouping by code
-LEXICAL_WEIGHT = 0.35  # share of the normalised bm25 in an occupation's score
 PROFILE_POOL_MIN = 100
+_KIND_COLUMN = {kind.value: column for column, kind in enumerate(KINDS)}
 
 
 @dataclass
@@ -40,49 +41,78 @@ class ProfileScore:
     missing_skills: list[str] = field(default_factory=list)
 
 
-class OccupationMatcher:
-    """Group entry hits by ROME code; score = cosine + LEXICAL_WEIGHT * bm25 / best bm25."""
+@dataclass
+class _Evidence:
+    dense_by_kind: list[float]
+    dense: float = -2.0
+    entry_text: str = ""
+    lexical: float = 0.0
 
-    def __init__(self, collection: Callable[[], Collection], occupations: list[Occupation]) -> None:
+
+class OccupationMatcher:
+    """Group entry hits by ROME code and score each code with the collection model's `Fusion`
+    (fusion.py: best cosine per entry kind plus a bonus, plus a share of the normalised bm25)."""
+
+    def __init__(
+        self, collection: Callable[[], Collection], occupations: list[Occupation], fusion: FusionTable | None = None
+    ) -> None:
         self._collection = collection  # looked up per call: a re-embed swaps the collection object
         self.occupations = {o.code: o for o in occupations}
         self._terms = {o.code: set().union(*(terms(e.lexical_text) for e in entries(o))) for o in occupations}
+        self.fusion = fusion if fusion is not None else FusionTable.load()
 
     @property
     def collection(self) -> Collection:
         return self._collection()
 
-    def match(self, text: str, vector: np.ndarray, k: int, mode: str = "hybrid") -> list[OccupationScore]:
-        """mode: hybrid (default), dense (cosine only) or lexical (bm25 only), for evaluation."""
-        if mode not in ("hybrid", "dense", "lexical"):
-            raise ValueError(f"unknown match mode {mode!r}")
-        result = self.collection.search(
+    def _evidence(self, collection: Collection, text: str, vector: np.ndarray) -> dict[str, _Evidence]:
+        result = collection.search(
             SearchQuery(vector=vector, k=OCCUPATION_POOL, text=text, hybrid=True, candidates=OCCUPATION_POOL)
         )
-        best: dict[str, tuple[float, str]] = {}
-        lexical: dict[str, float] = {}
+        found: dict[str, _Evidence] = {}
         for hit in result.hits:
             code = hit.document.metadata.get("code", "")
             if code not in self.occupations:
                 continue
-            if hit.dense_score > best.get(code, (-2.0, ""))[0]:
-                best[code] = (hit.dense_score, hit.document.text)
-            lexical[code] = max(lexical.get(code, 0.0), hit.lexical_score)
-        top_lexical = max(lexical.values(), default=0.0) or 1.0
+            evidence = found.setdefault(code, _Evidence([float("-inf")] * len(KINDS)))
+            kind = _KIND_COLUMN.get(hit.document.metadata.get("entry", ""), 0)
+            evidence.dense_by_kind[kind] = max(evidence.dense_by_kind[kind], hit.dense_score)
+            if hit.dense_score > evidence.dense:
+                evidence.dense, evidence.entry_text = hit.dense_score, hit.document.text
+            evidence.lexical = max(evidence.lexical, hit.lexical_score)
+        return found
+
+    def candidates(self, text: str, vector: np.ndarray) -> Candidates:
+        """The evidence `match` scores, as arrays: what `fusion.fit` learns from."""
+        found = self._evidence(self.collection, text, vector)
+        top_lexical = max((e.lexical for e in found.values()), default=0.0) or 1.0
+        codes = tuple(sorted(found))
+        dense = np.array([found[c].dense_by_kind for c in codes], dtype=np.float64).reshape(len(codes), len(KINDS))
+        lexical = np.array([found[c].lexical / top_lexical for c in codes], dtype=np.float64)
+        return Candidates(codes, dense, lexical)
+
+    def match(self, text: str, vector: np.ndarray, k: int, mode: str = "hybrid") -> list[OccupationScore]:
+        """mode: hybrid (default), dense (cosine only) or lexical (bm25 only), for evaluation."""
+        if mode not in ("hybrid", "dense", "lexical"):
+            raise ValueError(f"unknown match mode {mode!r}")
+        collection = self.collection
+        fusion = self.fusion.for_model(collection.spec.model)
+        found = self._evidence(collection, text, vector)
+        top_lexical = max((e.lexical for e in found.values()), default=0.0) or 1.0
         query_terms = terms(text)
         scored = []
-        for code, (dense, entry_text) in best.items():
-            lex = lexical.get(code, 0.0)
+        for code, evidence in found.items():
+            lex = evidence.lexical
             if mode == "lexical":
                 if lex <= 0:
                     continue
                 score = lex / top_lexical
             elif mode == "dense":
-                score = dense
+                score = evidence.dense
             else:
-                score = dense + LEXICAL_WEIGHT * lex / top_lexical
+                score = fusion.score(evidence.dense_by_kind, lex / top_lexical)
             matched = [t for t in query_terms if t in self._terms[code]]
-            scored.append(OccupationScore(self.occupations[code], score, dense, lex, matched, entry_text))
+            scored.append(OccupationScore(self.occupations[code], score, evidence.dense, lex, matched, evidence.entry_text))
         scored.sort(key=lambda s: (-s.score, s.occupation.code))
         return scored[:k]
 

@@ -23,6 +23,7 @@ from ..backends.options import BackendConfig
 from ..backends.select import open_encoder
 from ..batching import BatcherConfig, BatchStats, DeadlineExceededError, DynamicBatcher
 from ..tokenize import TextKind, TextTokenizer, TokenizedText, TokenizerConfig, TokenizingStopped
+from ..tracing import DISABLED, Tracing
 from .repository import ModelNotFound, ModelRepository, ModelVersion
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class LoadedModel:
     users: int = 0  # embed() calls in progress: a version is unloaded only at zero
     holders: int = 0  # collections being created or re-embedded with this version: never unloaded while > 0
     state: str = "current"
+    tracing: Tracing = DISABLED  # tokenise, queue and inference spans of traced requests
 
     @property
     def name(self) -> str:
@@ -77,9 +79,12 @@ class LoadedModel:
         self.users += 1
         try:
             started = time.perf_counter()
-            tokens = await self._tokenize(texts, kind, truncate, deadline)
+            with self.tracing.span("tokenize", model=self.name, texts=len(texts)):
+                tokens = await self._tokenize(texts, kind, truncate, deadline)
             tokenize_s = time.perf_counter() - started
+            submitted_ns = time.time_ns()
             result = await self.batcher.submit([t.ids for t in tokens], deadline=deadline)
+            self.tracing.batch_stages(submitted_ns, result.queue_s, result.inference_s, result.batches)
         finally:
             self.users -= 1
         normalized, pooled = result.outputs
@@ -180,6 +185,7 @@ class ModelRegistry:
         pinned: Callable[[], set[tuple[str, str]]] | None = None,
         tokenize_threads: int = 2,
         on_nonfinite: Callable[[str, str, int], None] | None = None,
+        tracing: Tracing = DISABLED,
     ) -> None:
         self.repository = repository
         self._batching = batching
@@ -188,6 +194,7 @@ class ModelRegistry:
         self._on_batch = on_batch
         self._pinned = pinned or (lambda: set())
         self._on_nonfinite = on_nonfinite
+        self._tracing = tracing
         # Shared by every version, so a burst of huge requests cannot take more cores than this from inference.
         self._tokenizing = ThreadPoolExecutor(tokenize_threads, thread_name_prefix="tokenize")
         self._current: dict[str, LoadedModel] = {}
@@ -283,7 +290,10 @@ class ModelRegistry:
         async with self._lock:
             targets = [m for (n, v), m in self._all.items() if n == name and (not version or v == version)]
             if not targets:
-                raise ModelNotFound(f"model {name!r}{' version ' + repr(version) if version else ''} is not loaded")
+                raise ModelNotFound(
+                    f"model {name!r}{' version ' + repr(version) if version else ''} is not loaded",
+                    f"{name}/{version}" if version else name,
+                )
             pinned = self._pinned()
             for model in targets:
                 key = (model.name, model.version.version)
@@ -301,7 +311,7 @@ class ModelRegistry:
 
     def set_default(self, name: str) -> str:
         if name not in self._current:
-            raise ModelNotFound(f"model {name!r} is not loaded; LoadModel it first (loaded: {sorted(self._current)})")
+            raise ModelNotFound(f"model {name!r} is not loaded; LoadModel it first (loaded: {sorted(self._current)})", name)
         previous, self.default_model = self.default_model, name
         return previous
 
@@ -325,7 +335,9 @@ class ModelRegistry:
             max_batch_tokens=max(self._batching.max_batch_tokens, built.max_tokens),
         )
         batcher = DynamicBatcher(encoder.encode, config, name=f"{built.name}/{built.version}", on_batch=self._stats(built))
-        model = LoadedModel(built, tokenizer, encoder, batcher, self._tokenizing, self._nonfinite_reporter(built))
+        model = LoadedModel(
+            built, tokenizer, encoder, batcher, self._tokenizing, self._nonfinite_reporter(built), tracing=self._tracing
+        )
         warm_up(model)
         return model
 
@@ -350,11 +362,13 @@ class ModelRegistry:
         if version:
             model = self._all.get((name, version))
             if model is None:
-                raise ModelNotFound(f"model {name!r} version {version!r} is not loaded (loaded: {self.loaded()})")
+                raise ModelNotFound(
+                    f"model {name!r} version {version!r} is not loaded (loaded: {self.loaded()})", f"{name}/{version}"
+                )
             return model
         model = self._current.get(name)
         if model is None:
-            raise ModelNotFound(f"model {name!r} is not loaded (loaded: {sorted(self._current)})")
+            raise ModelNotFound(f"model {name!r} is not loaded (loaded: {sorted(self._current)})", name)
         return model
 
     def models(self) -> list[LoadedModel]:

@@ -15,11 +15,15 @@ MANIFEST = "manifest.json"
 
 
 class ModelNotFound(LookupError):
-    pass
+    def __init__(self, message: str, resource_name: str = "") -> None:
+        super().__init__(message)
+        self.resource_name = resource_name  # "name" or "name/version": the API's ResourceInfo
 
 
 class ModelNotBuilt(LookupError):
-    pass
+    def __init__(self, message: str, resource_name: str = "") -> None:
+        super().__init__(message)
+        self.resource_name = resource_name
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ class ModelRepository:
     def _folder(self, name: str) -> Path:
         """The folder of a model named in the repository; a name is never a path ("./m", "../x/m")."""
         if name not in self.names():
-            raise ModelNotFound(f"model {name!r} is not in the repository {self.root} (have: {self.names()})")
+            raise ModelNotFound(f"model {name!r} is not in the repository {self.root} (have: {self.names()})", name)
         return self.root / name
 
     def spec(self, name: str) -> ModelSpec:
@@ -103,14 +107,14 @@ class ModelRepository:
         self.spec(name)
         versions = self.versions(name)
         if not versions:
-            raise ModelNotBuilt(f"model {name!r} has no built version; run: openemploi models build {name}")
+            raise ModelNotBuilt(f"model {name!r} has no built version; run: openemploi models build {name}", name)
         return versions[-1]
 
     def version(self, name: str, version: str) -> ModelVersion:
         for candidate in self.versions(name):
             if candidate.version == version:
                 return candidate
-        raise ModelNotFound(f"model {name!r} has no ready version {version!r}")
+        raise ModelNotFound(f"model {name!r} has no ready version {version!r}", f"{name}/{version}")
 
 
 __all__ = ["ModelNotBuilt", "ModelNotFound", "ModelRepository", "ModelVersion", "SpecError"]

@@ -166,6 +166,18 @@ def search_figures(report: dict[str, Any]) -> FigureSet:
                 "best": f"{best['index']} {best['params']} at N={best['n']:,}" if best else None,
             }
         )
+    for entry in report.get("flat_vs_numpy", []):
+        if entry["index"] == "flat":
+            targets.append(
+                {
+                    "target": f"search: Flat / numpy brute force at N={entry['n']:,}, batch {entry['batch']}",
+                    "value": entry["x_numpy"],
+                    "op": ">=",
+                    "threshold": 1.0,
+                    "status": "PASS" if entry["x_numpy"] is not None and entry["x_numpy"] >= 1.0 else "MISS",
+                    "part": "search",
+                }
+            )
     curves = {"search": [{k: r[k] for k in ("index", "params", "n", "recall", "qps_b1", "qps_b64")} for r in rows]}
     return figures, curves, targets
 

@@ -81,6 +81,7 @@ class CycleReport:
     requests_ok: int = 0  # faults counted in requests (model swap): calls answered OK around the fault
     requests_failed: int = 0  # ... and calls that failed (lost)
     refusals: list[str] = field(default_factory=list)  # "CODE: details" of each write refused (full disk)
+    worst_ms: float = 0.0  # the slowest health Check answered (stall)
 
     @property
     def survived(self) -> bool:
@@ -114,7 +115,9 @@ FAULT_STORM = "client disconnect storm (EmbedStream)"
 FAULT_SIGTERM = "SIGTERM (graceful restart)"
 FAULT_SWAP = "model load failing mid-swap"
 FAULT_DISK = "full disk (file size limit)"
-REQUEST_FAULTS = (FAULT_SWAP,)  # their rows count Embed requests, not documents
+FAULT_REEMBED = "SIGKILL during a Reembed"
+FAULT_STALL = "health checks during a maximal Embed"
+REQUEST_FAULTS = (FAULT_SWAP, FAULT_STALL)  # their rows count requests (Embed, health Check), not documents
 
 
 def linked_model_repository(target: Path, source: Path) -> Path:

@@ -34,7 +34,7 @@ def free_port(host: str = HOST) -> int:
 def server_env(collections_dir: Path, extra: Mapping[str, str] | None = None, keep_settings: bool = False) -> dict[str, str]:
     """This environment, plus settings that let several servers coexist.
 
-    No ROME indexing at start (minutes on a CPU), no progress bars, metrics on any free port.
+    No ROME indexing at start (minutes on a CPU), no progress bars, metrics and HTTP on any free port.
     `extra` overrides any of them. The OPENEMPLOI_* keys of this environment are dropped, so that a
     developer's shell cannot change what a test checks, unless `keep_settings` (a benchmark run
     tuned from the shell, e.g. OPENEMPLOI_BATCHING_MAX_BATCH_SIZE or a tokens file).
@@ -47,6 +47,7 @@ def server_env(collections_dir: Path, extra: Mapping[str, str] | None = None, ke
         OPENEMPLOI_LOG_LEVEL="WARNING",
         OPENEMPLOI_HOST=HOST,
         OPENEMPLOI_METRICS_PORT="0",
+        OPENEMPLOI_HTTP_PORT="0",
     )
     env.update(extra or {})
     return env
@@ -58,13 +59,17 @@ def wait_serving(
     process: subprocess.Popen[Any] | None = None,
     describe: str = "",
     on_poll: Callable[[], None] | None = None,
+    tls_ca: bytes | None = None,
 ) -> None:
     """Poll gRPC health until SERVING; fail early, with `describe`, if `process` exits first.
 
     `on_poll` runs between polls: a first start may index for minutes, and a caller can show progress.
+    `tls_ca` (PEM): the server speaks TLS with a certificate this CA signed.
     """
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    credentials = None if tls_ca is None else grpc.ssl_channel_credentials(tls_ca)
+    channel = grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process is not None and process.poll() is not None:
@@ -98,8 +103,8 @@ class ServerProcess:
 
     `command` defaults to `python -P -m openemploi.cli serve` with this interpreter (`-P`: the working
     directory stays off sys.path, so a checkout's top-level `kernels/` folder cannot shadow the
-    `kernels` distribution transformers imports); `--port` is appended. `env` and `keep_settings`
-    go to server_env.
+    `kernels` distribution transformers imports); `--port` is appended. The HTTP API gets a free
+    port too (`http_port`), unless `env` names one. `env` and `keep_settings` go to server_env.
     """
 
     def __init__(
@@ -111,16 +116,19 @@ class ServerProcess:
         command: Sequence[str] | None = None,
         ready_timeout_s: float = READY_TIMEOUT_S,
         keep_settings: bool = False,
+        tls_ca: bytes | None = None,
     ) -> None:
         self.collections_dir = Path(collections_dir)
         self.log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="openemploi-server-logs-"))
         self.cwd = Path(cwd) if cwd is not None else None
         self.extra_env = dict(env or {})
         self.keep_settings = keep_settings
+        self.tls_ca = tls_ca  # PEM CA of a TLS server's certificate, for the health checks
         self.command = list(command) if command else [sys.executable, "-P", "-m", "openemploi.cli", "serve"]
         self.ready_timeout_s = ready_timeout_s
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.http_port = 0
         self.starts = 0
         self.log_path: Path | None = None
         self.ready_s = 0.0
@@ -128,6 +136,10 @@ class ServerProcess:
     @property
     def address(self) -> str:
         return f"{HOST}:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{HOST}:{self.http_port}"
 
     @property
     def pid(self) -> int:
@@ -144,19 +156,22 @@ class ServerProcess:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.starts += 1
         self.port = free_port()
+        self.http_port = int(self.extra_env.get("OPENEMPLOI_HTTP_PORT") or 0) or free_port()
         self.log_path = self.log_dir / f"server-{self.starts:03d}.log"
         t0 = time.monotonic()
         with open(self.log_path, "wb") as log_file:
             self.process = subprocess.Popen(
                 [*self.command, "--port", str(self.port)],
                 cwd=self.cwd,
-                env=server_env(self.collections_dir, self.extra_env, self.keep_settings),
+                env=server_env(
+                    self.collections_dir, {**self.extra_env, "OPENEMPLOI_HTTP_PORT": str(self.http_port)}, self.keep_settings
+                ),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
             )
         try:
-            wait_serving(self.address, self.ready_timeout_s, self.process)
+            wait_serving(self.address, self.ready_timeout_s, self.process, tls_ca=self.tls_ca)
         except (RuntimeError, TimeoutError) as exc:
             self.kill()
             raise type(exc)(f"{exc}; its log:\n{self.log_tail(60)}") from None

@@ -47,6 +47,7 @@ def make_config(**changes) -> ServerConfig:
         port=0,
         rome_collection=False,
         metrics_port=0,
+        http_port=0,
         progress=False,
         collections_dir=Path(tempfile.mkdtemp(prefix="openemploi-test-")),
         model_repository=REPO_ROOT / "models",

@@ -1,4 +1,5 @@
-"""Crash recovery of the real server in a subprocess: SIGKILL mid-upsert, and a truncated index snapshot.
+"""Crash recovery of the real server in a subprocess: SIGKILL mid-upsert or inside a Reembed's switch, and a
+truncated index snapshot.
 
 The procedure and its checks live in openemploi.testing.faults (the longer `benchmarks/chaos.py`
 run uses them too); here, on one collections folder: 2 SIGKILL/restart cycles, a SIGTERM restart
@@ -17,9 +18,11 @@ import sys
 import pytest
 from harness import REPO_ROOT
 
-from openemploi.index.durable import SNAPSHOT_RENAMED, SNAPSHOT_WRITTEN
+from openemploi.build.build import BuildOptions, build_model
+from openemploi.index.durable import SNAPSHOT_RENAMED, SNAPSHOT_WRITTEN, SWAP_STAGED, SWAP_SWITCHED
 from openemploi.testing.faults import FAULT_KILL, FAULT_TRUNCATE, ChaosRun, graceful_cycle, kill_cycle, snapshot_kill_cycle
 from openemploi.testing.launcher import ServerProcess, server_env
+from openemploi.testing.reembed_faults import SECOND_MODEL, reembed_kill_cycle
 
 SEED = 20260101
 PLAN = ("kill", "kill", "sigterm", "truncate", "kill", "kill", "kill")
@@ -69,7 +72,7 @@ def test_hnsw_documents_replayed_after_a_sigkill_stay_searchable(default_version
         run.fill(3)  # 60 documents only in the store: the next start replays them
         report = kill_cycle(run, duration_s=0.0)  # SIGKILL at once: replay 60 (or 80) documents, ~10% of the index
         replayed = 60 + report.new_acknowledged + report.in_flight_committed
-        # A restart rebuilds an HNSW index whose tombstones pass 20% (Collection._maybe_reshape): a replay that
+        # A restart rebuilds an HNSW index whose tombstones pass 20% (rebuild.TOMBSTONE_REBUILD_SHARE): a replay that
         # tombstoned what it adds would go unseen past that share, so this one stays under it.
         assert replayed < 0.2 * (len(run.acknowledged) + report.in_flight_committed), f"{replayed} replayed documents"
         assert report.survived, report.describe()
@@ -88,6 +91,23 @@ def test_a_sigkill_between_the_steps_of_a_shutdown_snapshot_loses_nothing(defaul
             report = snapshot_kill_cycle(run, step, duration_s=0.5)
             assert report.survived, report.describe()
             assert report.new_acknowledged > 0
+    finally:
+        run.close()
+
+
+def test_a_sigkill_during_a_reembed_swap_leaves_one_whole_generation(default_version, model_repository, tmp_path):
+    """The server dies inside a Reembed's switch: with the new generation staged but not pointed at (the
+    old model must serve), then with the name switched but the old folder still there (the new one must).
+    Either way one generation is left, holding every acknowledged document (reembed_faults.py)."""
+    build_model(model_repository, SECOND_MODEL, BuildOptions(progress=False))
+    run = ChaosRun(tmp_path / "chaos-reembed", REPO_ROOT / "models", seed=SEED + 3, log=log)
+    try:
+        run.setup()
+        run.fill(3)
+        for step in (SWAP_STAGED, SWAP_SWITCHED):
+            report = reembed_kill_cycle(run, step)
+            assert report.survived, report.describe()
+            assert report.acknowledged >= 60 + 236 and report.killed  # the main collection, then 240 minus 4 deletes at least
     finally:
         run.close()
 

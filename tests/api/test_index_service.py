@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import grpc
 import numpy as np
@@ -343,8 +344,14 @@ def test_approximate_index_kinds_serve_searches(stub, kind):
     documents = [ipb.Document(id=f"v{i}", vector=v.tolist()) for i, v in enumerate(vectors)]
     for start in range(0, len(documents), 100):
         stub.Upsert(ipb.UpsertRequest(collection=name, documents=documents[start : start + 100]), timeout=60)
-    info = next(c for c in stub.ListCollections(ipb.ListCollectionsRequest(), timeout=30).collections if c.name == name)
-    assert info.index_kind == ("hnsw" if kind == ipb.HNSW else "ivf") and info.size == 300
+    expected_kind = "hnsw" if kind == ipb.HNSW else "ivf"
+    deadline = time.monotonic() + 120  # the switch to an approximate index is a background rebuild
+    while True:
+        info = next(c for c in stub.ListCollections(ipb.ListCollectionsRequest(), timeout=30).collections if c.name == name)
+        if info.index_kind == expected_kind or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert info.index_kind == expected_kind and info.size == 300
     found = sum(
         stub.Search(ipb.SearchRequest(collection=name, vector=vectors[i].tolist(), k=1), timeout=30).hits[0].id == f"v{i}"
         for i in range(0, 300, 10)

@@ -17,8 +17,8 @@ from openemploi.v1 import match_pb2_grpc as mpb_grpc
 
 
 @pytest.fixture(scope="module")
-def collections_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("rome-collections")
+def collections_dir(catalogue_copy):
+    return catalogue_copy()
 
 
 @pytest.fixture(scope="module")

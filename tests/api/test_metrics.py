@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.error
 import urllib.request
 
 import grpc
@@ -9,6 +10,7 @@ import pytest
 from harness import ServerThread, make_config
 from prometheus_client.parser import text_string_to_metric_families
 
+from openemploi.metrics import Metrics
 from openemploi.v1 import embedding_pb2 as pb
 from openemploi.v1 import embedding_pb2_grpc as pb_grpc
 from openemploi.v1 import index_pb2 as ipb
@@ -62,3 +64,23 @@ def test_requests_batches_rejections_and_gauges_are_exported(server, default_ver
     )
     assert value(samples, "openemploi_queue_depth", model=model) == 0
     assert value(samples, "openemploi_collection_documents", collection="mesures") == 1
+
+
+def test_process_and_gc_metrics_are_in_the_servers_own_registry(server):
+    samples = scrape(server)
+    assert value(samples, "process_resident_memory_bytes") > 50e6  # the loaded model alone is more
+    assert value(samples, "process_open_fds") >= 3
+    assert value(samples, "process_cpu_seconds_total") > 0
+    assert {s.labels["generation"] for s in samples["python_gc_objects_collected_total"]} == {"0", "1", "2"}
+    assert value(samples, "python_info") == 1
+
+
+def test_metrics_listen_only_on_metrics_host():
+    metrics = Metrics()
+    port = metrics.serve("127.0.0.2", 0)  # another loopback address: reachable there, not on 127.0.0.1
+    try:
+        assert b"process_open_fds" in urllib.request.urlopen(f"http://127.0.0.2:{port}/metrics", timeout=10).read()
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    finally:
+        metrics.close()

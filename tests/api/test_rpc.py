@@ -31,6 +31,7 @@ from openemploi.index.collection import (
 from openemploi.index.store import StorageFull
 from openemploi.runtime.registry import ModelInUse, NonFiniteEmbeddingError
 from openemploi.runtime.repository import ModelNotBuilt, ModelNotFound
+from openemploi.skills.engine import UnknownOccupation, UnknownSkill
 from openemploi.tokenize import TextTooLongError
 from openemploi.v1 import embedding_pb2
 
@@ -58,6 +59,8 @@ from openemploi.v1 import embedding_pb2
         (DeadlineExceededError("deadline passed"), grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed"),
         (BatcherClosedError("closed"), grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another replica"),
         (NonFiniteEmbeddingError("e5", "v1", [2]), grpc.StatusCode.INTERNAL, "produced non-finite vectors for texts [2]"),
+        (UnknownOccupation("Z9999"), grpc.StatusCode.NOT_FOUND, "unknown ROME code 'Z9999'"),
+        (UnknownSkill("http://data.europa.eu/esco/skill/x"), grpc.StatusCode.INVALID_ARGUMENT, "is not an ESCO v1 skill URI"),
     ],
     ids=lambda value: type(value).__name__ if isinstance(value, Exception) else None,
 )
@@ -72,7 +75,7 @@ def test_every_row_of_the_table_is_covered_above():
     assert set(STATUS_BY_ERROR) == {
         CollectionNotFound, CollectionExists, CollectionReplaced, CollectionUnavailable, InvalidQuery, TextTooLongError, ModelNotFound,
         ModelNotBuilt, ModelInUse, StorageFull, QueueFullError, DeadlineExceededError, BatcherClosedError,
-        NonFiniteEmbeddingError,
+        NonFiniteEmbeddingError, UnknownOccupation, UnknownSkill,
     }  # fmt: skip
 
 
@@ -177,12 +180,13 @@ def test_a_missing_request_id_is_generated_and_a_long_one_cut():
     assert servicer.calls[1].request_id == "r" * rpc.MAX_REQUEST_ID_CHARS
 
 
-def test_a_failure_aborts_with_its_status_and_only_the_request_id():
+def test_a_failure_aborts_with_its_status_the_request_id_and_its_details():
     context = FakeContext(metadata=(("x-request-id", "req-7"),))
     with pytest.raises(Aborted):
         asyncio.run(Servicer(CollectionNotFound("collection 'x' not found")).Embed(embedding_pb2.EmbedRequest(), context))
     assert context.aborted == (grpc.StatusCode.NOT_FOUND, "collection 'x' not found")
-    assert context.trailing == (("x-request-id", "req-7"),)
+    assert context.trailing[0] == ("x-request-id", "req-7")
+    assert [key for key, _ in context.trailing] == ["x-request-id", "grpc-status-details-bin"]  # no timings of a failed call
 
 
 def test_the_abort_does_not_chain_the_failure():
@@ -226,7 +230,8 @@ def test_a_stream_answers_then_ends_with_the_status_of_its_failure():
         asyncio.run(consume())
     assert received == [0]
     assert context.aborted == (grpc.StatusCode.INVALID_ARGUMENT, "texts is empty: send at least one text")
-    assert context.trailing == (("x-request-id", "s-1"),)
+    assert context.trailing[0] == ("x-request-id", "s-1")
+    assert [key for key, _ in context.trailing] == ["x-request-id", "grpc-status-details-bin"]  # no timings of a failed call
     assert servicer.closed
 
 

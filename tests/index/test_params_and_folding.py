@@ -44,6 +44,7 @@ def test_an_existing_ivf_collection_with_more_lists_than_vectors_still_takes_wri
     params = IndexParams(kind="ivf", ivf_nlist=5_000, flat_max=20)
     collection = Collection.create(tmp_path / "offres", CollectionSpec("offres", "m", "v1", DIM, params))
     collection.upsert([NewDocument(f"d{i}", "x", unit(i)) for i in range(30)])
+    assert collection.rebuilds.join(60) and collection.rebuilds.failed == 0  # the switch to IVF runs in the background
     assert collection.index.kind == "ivf" and collection.size() == 30
     collection.close()
 

@@ -1,0 +1,185 @@
+"""Index the ESCO skills and the catalogue's French lines into `esco_skills` at first start, and derive profiles.
+
+Mirrors matching/bootstrap.py: re-indexed only when the ESCO data, the ROME catalogue, the
+profile thresholds or the model version change; the collection records them, so a restart
+reads vectors, the line-to-skill map and near-duplicates back from disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict
+
+import numpy as np
+from tqdm import tqdm
+
+from ..index.collection import Collection, CollectionManager, CollectionNotFound, CollectionSpec
+from ..index.store import NewDocument
+from ..index.vectors import IndexParams
+from ..matching.catalogue import Occupation, catalogue_version
+from ..runtime.registry import LoadedModel
+from ..tokenize import TextKind
+from .engine import SkillsEngine
+from .esco import Skill, load_skills, skills_version
+from .extract import ExtractParams, SkillSpace, map_lines
+from .profiles import ProfileParams, derive_profiles, near_duplicates, occupation_lines
+from .transitions import TransitionParams
+
+log = logging.getLogger(__name__)
+BATCH = 64
+IN_FLIGHT = 8
+# Of a skill's label run, the first characters embedded (cut at a word): the preferred label and its
+# closest variants. Longer runs add more synonyms but cost tokens: 13,939 runs of 400 characters
+# take 4x longer to index than of 120.
+LABEL_CHARS = 120
+LINE_ID = "rome-line:"
+MAP_KEY = "skills_map"
+
+
+def data_version(params: ProfileParams) -> str:
+    key = f"{skills_version()}:{catalogue_version()}:{LABEL_CHARS}:{json.dumps(asdict(params))}"
+    digest = hashlib.sha256(key.encode())
+    return digest.hexdigest()[:16]
+
+
+def catalogue_lines(occupations: Sequence[Occupation]) -> list[str]:
+    return sorted({line for o in occupations for line in occupation_lines(o)})
+
+
+def label_text(skill: Skill) -> str:
+    """What is embedded for a skill: its preferred label first, then variants up to LABEL_CHARS."""
+    if len(skill.labels) <= LABEL_CHARS:
+        return skill.labels
+    cut = skill.labels.rfind(" ", 0, LABEL_CHARS + 1)
+    return skill.labels[: max(cut, len(skill.label))]
+
+
+async def _embed_all(
+    model: LoadedModel, texts: list[str], kind: TextKind, bar: tqdm, on_chunk
+) -> None:  # several chunks in flight let the batcher sort by length and keep the backend busy
+    for start in range(0, len(texts), BATCH * IN_FLIGHT):
+        window = range(start, min(start + BATCH * IN_FLIGHT, len(texts)), BATCH)
+        results = await asyncio.gather(*(model.embed(texts[i : i + BATCH], kind, truncate=True) for i in window))
+        for i, result in zip(window, results):
+            await on_chunk(i, result.normalized)
+            bar.update(len(result.normalized))
+
+
+async def _index(
+    collection: Collection, model: LoadedModel, skills: list[Skill], lines: list[str], progress: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    skill_vectors = np.zeros((len(skills), model.dim), np.float32)
+    line_vectors = np.zeros((len(lines), model.dim), np.float32)
+    bar = tqdm(total=len(skills) + len(lines), desc=f"indexing {collection.spec.name}", unit="entry", disable=not progress)
+
+    async def store_skills(start: int, vectors: np.ndarray) -> None:
+        skill_vectors[start : start + len(vectors)] = vectors
+        documents = [
+            NewDocument(s.uri, s.labels, v, {"kind": "esco", "label": s.label})
+            for s, v in zip(skills[start : start + len(vectors)], vectors)
+        ]
+        await asyncio.to_thread(collection.upsert, documents)
+
+    async def store_lines(start: int, vectors: np.ndarray) -> None:
+        line_vectors[start : start + len(vectors)] = vectors
+        documents = [
+            NewDocument(f"{LINE_ID}{start + i}", line, v, {"kind": "rome_line"})
+            for i, (line, v) in enumerate(zip(lines[start : start + len(vectors)], vectors))
+        ]
+        await asyncio.to_thread(collection.upsert, documents)
+
+    try:
+        await _embed_all(model, [label_text(s) for s in skills], TextKind.PASSAGE, bar, store_skills)
+        await _embed_all(model, lines, TextKind.QUERY, bar, store_lines)  # as clauses are: the vote compares like with like
+    finally:
+        bar.close()
+    return skill_vectors, line_vectors
+
+
+def _read_vectors(collection: Collection, ids: list[str], dim: int) -> np.ndarray:
+    docs = collection.get(ids, include_vectors=True)
+    matrix = np.zeros((len(ids), dim), np.float32)
+    for i, doc_id in enumerate(ids):
+        vector = docs[doc_id].vector if doc_id in docs else None
+        if vector is None:
+            raise RuntimeError(f"collection {collection.spec.name!r} lacks {doc_id!r}: drop it to re-index")
+        matrix[i] = vector
+    return matrix
+
+
+async def ensure_skills_collection(
+    manager: CollectionManager,
+    model: LoadedModel,
+    occupations: list[Occupation],
+    rome: Collection,
+    name: str = "esco_skills",
+    progress: bool = True,
+    profile_params: ProfileParams | None = None,
+    extract_params: ExtractParams | None = None,
+    transition_params: TransitionParams | None = None,
+) -> tuple[Collection, SkillsEngine]:
+    params = profile_params or ProfileParams()
+    skills = await asyncio.to_thread(load_skills)
+    lines = catalogue_lines(occupations)
+    version = data_version(params)
+    collection: Collection | None = None
+    try:
+        existing = manager.get(name)
+        same_model = (existing.spec.model, existing.spec.model_version) == (model.name, model.version.version)
+        if same_model and existing.store.get_info("skills_version") == version and existing.store.get_info(MAP_KEY):
+            collection = existing
+        else:
+            log.info("collection %s is stale (ESCO data, catalogue or model changed): re-indexing", name)
+            await asyncio.to_thread(manager.drop, name)
+    except CollectionNotFound:
+        pass
+    if collection is not None:
+        skill_vectors = await asyncio.to_thread(_read_vectors, collection, [s.uri for s in skills], model.dim)
+        line_vectors = await asyncio.to_thread(_read_vectors, collection, [f"{LINE_ID}{i}" for i in range(len(lines))], model.dim)
+        line_skills, neighbours = decode_map(collection.store.get_info(MAP_KEY), skills)
+    else:
+        spec = CollectionSpec(name, model.name, model.version.version, model.dim, IndexParams(kind="flat"))
+        collection = await asyncio.to_thread(manager.create, spec)
+        skill_vectors, line_vectors = await _index(collection, model, skills, lines, progress)
+        line_skills = await asyncio.to_thread(map_lines, line_vectors, skill_vectors, params.per_line, params.min_score)
+        used = sorted({s for pairs in line_skills for s, _ in pairs})
+        neighbours = await asyncio.to_thread(near_duplicates, used, skill_vectors, params.near_duplicate)
+        collection.store.set_info({"skills_version": version, MAP_KEY: encode_map(line_skills, neighbours, skills)})
+        await asyncio.to_thread(collection.snapshot)
+    space = SkillSpace(skills, skill_vectors, lines, line_vectors, line_skills)
+    profiles = derive_profiles(occupations, lines, line_skills)
+    occupation_vectors = await asyncio.to_thread(_read_vectors, rome, [f"{o.code}:tasks" for o in occupations], rome.spec.dim)
+    engine = await asyncio.to_thread(
+        SkillsEngine, space, occupations, profiles, neighbours, occupation_vectors, extract_params, transition_params
+    )
+    log.info(
+        "collection %s ready: %d skills, %d French lines, %d profiled occupations (viable above %.3f)",
+        name,
+        len(skills),
+        len(lines),
+        sum(1 for p in profiles.values() if p),
+        engine.viable,
+    )
+    return collection, engine
+
+
+def encode_map(line_skills: list[list[tuple[int, float]]], neighbours: dict[int, list[int]], skills: list[Skill]) -> str:
+    """URIs, not indices: the map stays readable and survives a reordered data file."""
+    return json.dumps(
+        {
+            "lines": [[[skills[s].uri, round(score, 4)] for s, score in pairs] for pairs in line_skills],
+            "neighbours": {skills[s].uri: [skills[n].uri for n in near] for s, near in neighbours.items() if near},
+        }
+    )
+
+
+def decode_map(text: str, skills: list[Skill]) -> tuple[list[list[tuple[int, float]]], dict[int, list[int]]]:
+    index = {s.uri: i for i, s in enumerate(skills)}
+    data = json.loads(text)
+    line_skills = [[(index[uri], float(score)) for uri, score in pairs] for pairs in data["lines"]]
+    neighbours = {index[uri]: [index[n] for n in near] for uri, near in data["neighbours"].items()}
+    return line_skills, neighbours

@@ -1,0 +1,114 @@
+"""The matcher's fusion: one formula, weights fitted on the tuning part, read by the matcher."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from openemploi.index.collection import CollectionManager, CollectionSpec
+from openemploi.index.store import NewDocument
+from openemploi.index.vectors import IndexParams
+from openemploi.matching.catalogue import Occupation, entries
+from openemploi.matching.fusion import KINDS, Candidates, Fusion, FusionTable, evaluate, fit
+from openemploi.matching.matcher import OccupationMatcher
+
+INF = float("-inf")
+
+
+def candidates(codes, dense, lexical) -> Candidates:
+    return Candidates(tuple(codes), np.asarray(dense, dtype=np.float64), np.asarray(lexical, dtype=np.float64))
+
+
+def test_score_is_best_entry_plus_bonus_plus_lexical_share():
+    fusion = Fusion(0.5, (0.0, 0.02, -0.03))
+    assert fusion.score([0.80, 0.79, INF], 0.4) == pytest.approx(0.81 + 0.2)
+    assert fusion.score([INF, INF, 0.9], 0.0) == pytest.approx(0.87)
+
+
+def test_fit_finds_the_lexical_weight_the_tuning_queries_need():
+    # two queries where the right code has the weaker cosine but the stronger bm25 match
+    rows = [
+        candidates(["A0001", "B0002"], [[0.80, INF, INF], [0.83, INF, INF]], [1.0, 0.1]),
+        candidates(["A0001", "C0003"], [[0.78, INF, INF], [0.80, INF, INF]], [1.0, 0.2]),
+    ]
+    expected = ["A0001", "A0001"]
+    assert evaluate(rows, expected, Fusion(0.0))["top1"] == 0.0
+    fusion, metrics = fit(rows, expected)
+    assert metrics["top1"] == 1.0 and evaluate(rows, expected, fusion) == metrics
+    assert fusion.lexical_weight >= 0.05
+
+
+def test_fit_prefers_the_hand_set_default_among_equals():
+    rows = [candidates(["A0001", "B0002"], [[0.9, INF, INF], [0.5, INF, INF]], [1.0, 0.0])]
+    fusion, metrics = fit(rows, ["A0001"])
+    assert metrics["top1"] == 1.0 and fusion == Fusion()
+
+
+def test_a_code_not_retrieved_is_a_miss_and_ties_go_to_the_lower_code():
+    rows = [candidates(["A0001", "B0002"], [[0.8, INF, INF], [0.8, INF, INF]], [0.0, 0.0])]
+    assert evaluate(rows, ["A0001"], Fusion())["top1"] == 1.0
+    assert evaluate(rows, ["B0002"], Fusion()) == {"top1": 0.0, "top5": 1.0, "mrr": 0.5}
+    assert evaluate(rows, ["Z9999"], Fusion()) == {"top1": 0.0, "top5": 0.0, "mrr": 0.0}
+
+
+def test_the_table_falls_back_to_the_default_for_other_models(tmp_path):
+    path = tmp_path / "fusion.json"
+    path.write_text(json.dumps({"models": {"tuned": {"lexical_weight": 0.1, "entry_bonus": {"title": 0.02}}}}))
+    table = FusionTable.load(path)
+    assert table.for_model("tuned") == Fusion(0.1, (0.0, 0.02, 0.0))
+    assert table.for_model("other") == Fusion()
+    assert FusionTable.load(tmp_path / "absent.json") == FusionTable()
+    path.write_text(json.dumps({"default": {"lexical_weight": 0.2, "entry_bonus": {"blurb": 0.1}}}))
+    with pytest.raises(ValueError, match="unknown entry kinds"):
+        FusionTable.load(path)
+
+
+def test_the_shipped_fusion_file_loads():
+    table = FusionTable.load()
+    for fusion in (table.default, *table.by_model.values()):
+        assert 0.0 <= fusion.lexical_weight <= 1.0 and len(fusion.bonus) == len(KINDS)
+
+
+def _unit(seed: int, dim: int = 16) -> np.ndarray:
+    vector = np.random.default_rng(seed).normal(size=dim).astype(np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def test_match_ranks_codes_with_the_collection_models_fitted_fusion(tmp_path):
+    occupations = [
+        Occupation("D1102", "Boulanger", masculine=("Boulanger",), titles=("mitron",), tasks=("pétrir la pâte",)),
+        Occupation("D1104", "Pâtissier", masculine=("Pâtissier",), titles=("chef pâtissier",), tasks=("monter les entremets",)),
+    ]
+    manager = CollectionManager(tmp_path)
+    collection = manager.create(CollectionSpec("rome", "tuned", "v1", 16, IndexParams(kind="flat")))
+    query = _unit(0)
+    documents = []
+    for n, occupation in enumerate(occupations):
+        for m, entry in enumerate(entries(occupation)):
+            mixed = _unit(1000 + 100 * n + m) + (3.0 if occupation.code == "D1104" else 1.0) * query
+            documents.append(
+                NewDocument(
+                    entry.id,
+                    entry.text,
+                    mixed / np.linalg.norm(mixed),
+                    {"code": entry.code, "entry": entry.kind},
+                    (),
+                    entry.lexical_text,
+                )
+            )
+    collection.upsert(documents)
+    text = "mitron qui pétrit la pâte"
+    dense_first = OccupationMatcher(lambda: collection, occupations, FusionTable(Fusion(0.0)))
+    assert dense_first.match(text, query, 2)[0].occupation.code == "D1104"  # the closer vectors win on cosine alone
+    table = FusionTable(Fusion(0.0), {"tuned": Fusion(1.0)})
+    matcher = OccupationMatcher(lambda: collection, occupations, table)
+    ranked = matcher.match(text, query, 2)
+    assert [s.occupation.code for s in ranked] == ["D1102", "D1104"]  # this collection's model weighs bm25
+    assert ranked[0].lexical_score > 0 and "mitron" in ranked[0].matched_terms
+    # the arrays `fit` learns from give the same ranking as `match`
+    rows = matcher.candidates(text, query)
+    assert evaluate([rows], ["D1102"], table.for_model("tuned"))["top1"] == 1.0
+    assert ranked[0].score == pytest.approx(table.for_model("tuned").score(rows.dense[0].tolist(), rows.lexical[0]))
+    manager.close()
