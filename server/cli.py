@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import ConfigError, ServerConfig, load_config
 from .logs import configure_logging
 
 MALLOC_ARENAS = 2
@@ -32,19 +32,27 @@ def _limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> None:
         pass
 
 
+def _server_config(args: argparse.Namespace, overrides: dict) -> ServerConfig | None:
+    """The config `serve` and `index-catalogues` start from, logging set up; None (after saying why) when invalid."""
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"openemploi: {exc}", file=sys.stderr)
+        return None
+    configure_logging(config.log_level, config.log_json)
+    _limit_malloc_arenas()
+    return config
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .app import serve_forever
 
     overrides = {"host": args.host, "port": args.port, "model_repository": args.model_repository}
     if args.models:
         overrides["models"] = args.models.split(",")
-    try:
-        config = load_config(args.config, overrides=overrides)
-    except ConfigError as exc:
-        print(f"openemploi: {exc}", file=sys.stderr)
+    config = _server_config(args, overrides)
+    if config is None:
         return 2
-    configure_logging(config.log_level, config.log_json)
-    _limit_malloc_arenas()
     try:
         asyncio.run(serve_forever(config))
     except ConfigError as exc:  # tokens file or TLS files, read at start
@@ -59,13 +67,9 @@ def _index_catalogues(args: argparse.Namespace) -> int:
     from .app import start_server
 
     overrides = {"model_repository": args.model_repository, "host": "127.0.0.1", "port": 0, "metrics": False, "http": False}
-    try:
-        config = load_config(args.config, overrides=overrides)
-    except ConfigError as exc:
-        print(f"openemploi: {exc}", file=sys.stderr)
+    config = _server_config(args, overrides)
+    if config is None:
         return 2
-    configure_logging(config.log_level, config.log_json)
-    _limit_malloc_arenas()
 
     async def index() -> list[str]:
         running = await start_server(config)

@@ -9,7 +9,7 @@ from openemploi.v1 import match_pb2, match_pb2_grpc
 
 from ..config import LimitsConfig
 from ..index.collection import Collection, CollectionManager
-from ..matching.matcher import OccupationMatcher, match_profile
+from ..matching.matcher import OccupationMatcher, OccupationScore, match_profile
 from ..runtime.registry import ModelRegistry
 from ..tokenize import TextKind
 from . import rpc
@@ -65,19 +65,7 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
         vector = await self._embed_query(collection, text, call.deadline)
         scores = await self._pool.run(call, self.occupations.match, cap_query_terms(text, self._limits), vector, k)
         return match_pb2.MatchOccupationResponse(
-            matches=[
-                match_pb2.OccupationMatch(
-                    code=s.occupation.code,
-                    label=s.occupation.label,
-                    score=s.score,
-                    dense_score=s.dense_score,
-                    lexical_score=s.lexical_score,
-                    matched_terms=s.matched_terms,
-                    matched_entry=s.matched_entry,
-                    sectors=s.occupation.sectors,
-                )
-                for s in scores
-            ],
+            matches=[occupation_match(s) for s in scores],
             model=collection.spec.model,
             model_version=collection.spec.model_version,
         )
@@ -109,6 +97,20 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
                 for s in scores
             ]
         )
+
+
+def occupation_match(scored: OccupationScore) -> match_pb2.OccupationMatch:
+    """One ranked occupation as MatchOccupation (and DescribeNeeds) answer it."""
+    return match_pb2.OccupationMatch(
+        code=scored.occupation.code,
+        label=scored.occupation.label,
+        score=scored.score,
+        dense_score=scored.dense_score,
+        lexical_score=scored.lexical_score,
+        matched_terms=scored.matched_terms,
+        matched_entry=scored.matched_entry,
+        sectors=scored.occupation.sectors,
+    )
 
 
 def add_to_server(servicer: MatchServicer, server: grpc.aio.Server) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 
-from openemploi.v1 import match_pb2, skills_pb2, skills_pb2_grpc
+from openemploi.v1 import skills_pb2, skills_pb2_grpc
 
 from ..config import LimitsConfig
 from ..index.collection import Collection
@@ -21,6 +21,7 @@ from ..tokenize import TextKind
 from . import rpc
 from .errors import failed_precondition, invalid
 from .index import collection_model
+from .match import occupation_match
 from .validation import (
     cap_query_terms,
     check_clause_count,
@@ -180,19 +181,7 @@ class SkillsServicer(skills_pb2_grpc.SkillsServiceServicer):
         extracted = await self._pool.run(call, engine.extract, clause_vectors, DESCRIBE_SKILLS)
         needs = engine.needs(extracted, matches[0].occupation.code) if matches else Needs([], extracted)
         return skills_pb2.DescribeNeedsResponse(
-            occupations=[
-                match_pb2.OccupationMatch(
-                    code=s.occupation.code,
-                    label=s.occupation.label,
-                    score=s.score,
-                    dense_score=s.dense_score,
-                    lexical_score=s.lexical_score,
-                    matched_terms=s.matched_terms,
-                    matched_entry=s.matched_entry,
-                    sectors=s.occupation.sectors,
-                )
-                for s in matches
-            ],
+            occupations=[occupation_match(s) for s in matches],
             typical_skills=[self._skill(engine, e, clauses) for e in needs.typical],
             specific_skills=[self._skill(engine, e, clauses) for e in needs.specific],
             model=collection.spec.model,

@@ -2,7 +2,7 @@
 
 A maximal Embed is limits.max_texts_per_request texts adding up to limits.max_request_chars
 characters, with truncate=true: the most tokenising and inference one request may ask for. While it
-is served, a thread with a channel of its own calls grpc.health.v1.Health/Check every POLL_S; the
+is served, a process with a channel of its own calls grpc.health.v1.Health/Check every POLL_S; the
 cycle passes when every Check answered SERVING within STALL_BUDGET_MS. A benchmark row, not a timed
 test: on a loaded machine the number measures that machine too, so the same Checks are first timed
 for BASELINE_S with no Embed running, and the notes give both.
@@ -10,8 +10,10 @@ for BASELINE_S with no Embed running, and the notes give both.
 
 from __future__ import annotations
 
-import threading
+import multiprocessing
 import time
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event as EventType
 
 import grpc
 import numpy as np
@@ -44,42 +46,58 @@ def maximal_texts(limits: LimitsConfig) -> list[str]:
 
 
 class HealthPoller:
-    """Calls Health/Check every POLL_S from its own thread and channel; records each latency (ms)."""
+    """Calls Health/Check every POLL_S from a process of its own; records each latency (ms).
+
+    A process, not a thread: the caller serialises a 4 MB request and parses its reply, and a thread
+    beside it would wait for that caller's GIL and time the client instead of the server.
+    """
 
     def __init__(self, address: str) -> None:
         self.address = address
         self.latencies_ms: list[float] = []
         self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="health-poller", daemon=True)
-        self._ready = threading.Event()
+        context = multiprocessing.get_context("spawn")
+        self._stop = context.Event()
+        self._ready = context.Event()
+        self._results, child_end = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=_poll, args=(address, self._stop, self._ready, child_end), name="health-poller", daemon=True
+        )
 
     def __enter__(self) -> HealthPoller:
-        self._thread.start()
-        self._ready.wait(CHECK_TIMEOUT_S)
+        self._process.start()
+        self._ready.wait(CHECK_TIMEOUT_S + 30.0)  # the spawned interpreter imports grpc first
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        try:
+            self.latencies_ms, self.failures = self._results.recv()
+        except EOFError:
+            self.failures = [f"the health poller process ended with exit code {self._process.exitcode}"]
+        self._process.join()
 
-    def _run(self) -> None:
-        request = health_pb2.HealthCheckRequest(service="")
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            stub.Check(request, timeout=CHECK_TIMEOUT_S)  # connect before measuring
-            self._ready.set()
-            while not self._stop.is_set():
-                t0 = time.perf_counter()
-                try:
-                    status = stub.Check(request, timeout=CHECK_TIMEOUT_S).status
-                except grpc.RpcError as exc:
-                    self.failures.append(f"{exc.code().name}: {exc.details()}")
-                else:
-                    self.latencies_ms.append((time.perf_counter() - t0) * 1000)
-                    if status != health_pb2.HealthCheckResponse.SERVING:
-                        self.failures.append(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
-                self._stop.wait(POLL_S)
+
+def _poll(address: str, stop: EventType, ready: EventType, results: Connection) -> None:
+    latencies_ms: list[float] = []
+    failures: list[str] = []
+    request = health_pb2.HealthCheckRequest(service="")
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        stub.Check(request, timeout=CHECK_TIMEOUT_S)  # connect before measuring
+        ready.set()
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                status = stub.Check(request, timeout=CHECK_TIMEOUT_S).status
+            except grpc.RpcError as exc:
+                failures.append(f"{exc.code().name}: {exc.details()}")
+            else:
+                latencies_ms.append((time.perf_counter() - t0) * 1000)
+                if status != health_pb2.HealthCheckResponse.SERVING:
+                    failures.append(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+            stop.wait(POLL_S)
+    results.send((latencies_ms, failures))
 
 
 def stall_cycle(run: ChaosRun, limits: LimitsConfig | None = None) -> CycleReport:
