@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from opentelemetry.sdk.trace.export import SpanExporter
 
 from openemploi.app import RunningServer, start_server
 from openemploi.config import LimitsConfig, ServerConfig
@@ -22,12 +23,12 @@ MAX_MESSAGE_BYTES = 256 * 1024
 class ServerThread:
     """A server on its own event loop thread, so tests can use plain blocking stubs."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, span_exporter: SpanExporter | None = None) -> None:
         self.batch_sizes: list[int] = []
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self.running: RunningServer = self.call(start_server(config, on_batch=self._record))
+        self.running: RunningServer = self.call(start_server(config, on_batch=self._record, span_exporter=span_exporter))
         self.address = f"127.0.0.1:{self.running.port}"
 
     def _record(self, model: str, version: str, stats) -> None:

@@ -7,46 +7,25 @@ import dataclasses
 import io
 import json
 import logging
-import threading
 import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
+from harness import REPO_ROOT, ServerThread
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from openemploi.app import RunningServer, start_server
 from openemploi.config import ConfigError, ServerConfig, TraceExporter, TracingConfig, load_config
 from openemploi.logs import JsonFormatter
 from openemploi.tracing import DISABLED, TracingMiddleware, start_tracing
 from openemploi.v1 import embedding_pb2, embedding_pb2_grpc, index_pb2, index_pb2_grpc, models_pb2, models_pb2_grpc
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "multilingual-e5-small"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN_ID = "00f067aa0ba902b7"
 TRACEPARENT = (("traceparent", f"00-{TRACE_ID}-{CALLER_SPAN_ID}-01"),)
-
-
-class ServerOnThread:
-    """A real server on its own event loop, so the test drives it with blocking stubs."""
-
-    def __init__(self, config: ServerConfig, exporter: InMemorySpanExporter | None = None) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self.running: RunningServer = self.call(start_server(config, span_exporter=exporter))
-        self.address = f"127.0.0.1:{self.running.port}"
-
-    def call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(300)
-
-    def stop(self) -> None:
-        self.call(self.running.stop(2.0))
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
 
 
 def server_config(tmp_path: Path, **tracing: object) -> ServerConfig:
@@ -71,7 +50,7 @@ def traced(default_version, tmp_path_factory):
     """A server tracing every caller-sampled request, and none of its own (sample_ratio 0)."""
     exporter = InMemorySpanExporter()
     config = server_config(tmp_path_factory.mktemp("traced"), enabled=True, sample_ratio=0.0)
-    server = ServerOnThread(config, exporter)
+    server = ServerThread(config, exporter)
     log_lines = io.StringIO()
     handler = logging.StreamHandler(log_lines)
     handler.setFormatter(JsonFormatter())
@@ -174,7 +153,7 @@ def test_log_lines_in_a_traced_request_carry_its_trace_id(traced):
 def test_tracing_off_has_no_provider_and_serves_traced_callers(default_version, tmp_path):
     config = server_config(tmp_path)
     assert start_tracing(config.tracing) is DISABLED and DISABLED.provider is None
-    server = ServerOnThread(config)
+    server = ServerThread(config)
     try:
         assert server.running.tracing is DISABLED
         assert all(model.tracing is DISABLED for model in server.running.registry.models())
