@@ -107,7 +107,7 @@ COMPILE = $(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe 
 	--no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade)
 lock:
 	test -x $(LOCK_VENV)/bin/pip-compile || ($(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install --quiet '$(PIP_TOOLS)')
-	$(COMPILE) --extra cpu --extra build --extra dev -o $(LOCK) pyproject.toml
-	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(COMPILE) --extra gpu --extra build -o $(GPU_LOCK) pyproject.toml
+	$(COMPILE) --extra cpu --extra build --extra dev --extra ray -o $(LOCK) pyproject.toml
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(COMPILE) --extra gpu --extra build --extra ray -o $(GPU_LOCK) pyproject.toml
 	test -f $(GPU_RUNTIME_LOCK) || cp $(GPU_LOCK) $(GPU_RUNTIME_LOCK)
-	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(COMPILE) --extra gpu -o $(GPU_RUNTIME_LOCK) pyproject.toml
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(COMPILE) --extra gpu --extra ray -o $(GPU_RUNTIME_LOCK) pyproject.toml

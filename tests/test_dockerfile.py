@@ -94,14 +94,15 @@ def test_runtime_installs_the_runtime_lock_the_way_make_install_does():
         assert build_only not in runtime
 
 
-def test_the_runtime_lock_is_compiled_from_the_gpu_extra_alone():
+def test_the_runtime_lock_is_compiled_from_the_gpu_and_ray_extras_alone():
+    """The image serves on one host or as Ray Serve replicas (one per GPU); it never builds models."""
     runtime_lock = make_variable("GPU_RUNTIME_LOCK")
     compile_line = next(line for line in recipe("lock") if "-o $(GPU_RUNTIME_LOCK)" in line)
-    assert re.findall(r"--extra (\S+)", compile_line) == ["gpu"]
+    assert re.findall(r"--extra (\S+)", compile_line) == ["gpu", "ray"]
     path = REPO_ROOT / runtime_lock
     assert path.exists(), f"{runtime_lock} is missing: run `make lock` and commit it"
     pinned = set(re.findall(r"^([a-z0-9][a-z0-9._-]*)==", path.read_text(), re.MULTILINE))
-    assert {"onnxruntime-gpu", "faiss-gpu-cu12", "grpcio", "opentelemetry-sdk"} <= pinned
+    assert {"onnxruntime-gpu", "faiss-gpu-cu12", "grpcio", "opentelemetry-sdk", "ray"} <= pinned
     assert not pinned & {"torch", "transformers", "onnx", "onnxscript", "pytest", "ruff", "mypy"}
 
 
