@@ -7,8 +7,10 @@ and NOT_SERVING as soon as a shutdown starts, so load balancers drain us first.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -29,7 +31,7 @@ from .api.http import HttpServer, HttpServices, create_app
 from .api.rpc import WorkPool, registered_services
 from .batching import BatchStats
 from .config import ServerConfig
-from .index.collection import CollectionManager
+from .index.collection import Collection, CollectionManager, CollectionNotFound
 from .matching.bootstrap import ensure_rome_collection
 from .matching.catalogue import load_catalogue
 from .matching.matcher import OccupationMatcher
@@ -53,6 +55,7 @@ SERVICE_NAMES = (
 )
 ROME_COLLECTION = "rome"  # the catalogue the server indexes and keeps: read-only but to admin tokens
 SKILLS_COLLECTION = "esco_skills"  # ESCO skills and the catalogue's French lines, managed like `rome`
+GIL_SWITCH_INTERVAL_S = 0.001  # the serving process's sys.setswitchinterval (Python's default: 0.005)
 
 
 @dataclass
@@ -151,7 +154,10 @@ async def start_server(
             models=lambda: [
                 ((m.name, m.version.version, m.encoder.info.device, m.encoder.info.precision), 1.0) for m in registry.models()
             ],
-            collections=lambda: [((name,), collections.get(name).size()) for name in collections.names()],
+            collections=lambda: [((c.spec.name,), c.size()) for c in open_collections(collections)],
+            rebuilds=lambda: [
+                (c.spec.name, c.rebuilds.completed, c.rebuilds.failed, c.rebuilds.running) for c in open_collections(collections)
+            ],
         )
     )
     metrics_port = metrics.serve(config.metrics_host, config.metrics_port) if config.metrics else 0
@@ -216,6 +222,17 @@ async def start_server(
     )
 
 
+def open_collections(manager: CollectionManager) -> list[Collection]:
+    """The open collections, for a scrape: one dropped meanwhile is skipped, not an error."""
+    found = []
+    for name in manager.names():
+        try:
+            found.append(manager.get(name))
+        except CollectionNotFound:
+            continue
+    return found
+
+
 async def load_pinned_versions(registry: ModelRegistry, pinned: set[tuple[str, str]]) -> None:
     """Collections keep working across a model rebuild: load the versions they were embedded with."""
     for name, version in sorted(pinned):
@@ -230,6 +247,12 @@ async def load_pinned_versions(registry: ModelRegistry, pinned: set[tuple[str, s
 
 async def serve_forever(config: ServerConfig) -> None:
     running = await start_server(config)
+    # Models, catalogues and their indexes are loaded for good: out of the cyclic GC's sight, so a
+    # full collection under load walks only what requests allocate (a pause the event loop feels).
+    gc.freeze()
+    # Tokenising, padding and index threads hold the GIL for up to this long before the event loop
+    # may take it back; an RPC takes it several times, so the default 5 ms adds up to a stall.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

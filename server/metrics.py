@@ -25,7 +25,7 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .batching import BatchStats
 
@@ -58,6 +58,8 @@ class Gauges:
     queue_depth: Callable[[], Iterable[tuple[tuple[str, str], float]]]
     models: Callable[[], Iterable[tuple[tuple[str, str, str, str], float]]]
     collections: Callable[[], Iterable[tuple[tuple[str], float]]]
+    # (collection, completed, failed, running) for each collection's background index rebuilds
+    rebuilds: Callable[[], Iterable[tuple[str, int, int, bool]]] = lambda: ()
 
 
 class _LiveCollector:
@@ -77,7 +79,19 @@ class _LiveCollector:
         sizes = GaugeMetricFamily("openemploi_collection_documents", "Live documents per collection", labels=["collection"])
         for labels, value in self._gauges.collections():
             sizes.add_metric(list(labels), value)
-        return [queue, models, sizes]
+        rebuilds = CounterMetricFamily(
+            "openemploi_index_rebuilds",
+            "Background index rebuilds (kind switches, tombstone clean-ups) since the collection opened, by outcome",
+            labels=["collection", "outcome"],
+        )
+        running = GaugeMetricFamily(
+            "openemploi_index_rebuild_running", "1 while a collection's index is rebuilt in the background", labels=["collection"]
+        )
+        for name, completed, failed, is_running in self._gauges.rebuilds():
+            rebuilds.add_metric([name, "completed"], completed)
+            rebuilds.add_metric([name, "failed"], failed)
+            running.add_metric([name], float(is_running))
+        return [queue, models, sizes, rebuilds, running]
 
 
 class Metrics:

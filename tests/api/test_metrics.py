@@ -84,3 +84,20 @@ def test_metrics_listen_only_on_metrics_host():
             urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10)
     finally:
         metrics.close()
+
+
+def test_background_index_rebuilds_are_counted_per_collection(server):
+    """An AUTO collection past its flat_max switches kind in the background: the scrape shows it done."""
+    with grpc.insecure_channel(server.address) as channel:
+        index = ipb_grpc.IndexServiceStub(channel)
+        spec = ipb.IndexSpec(kind=ipb.INDEX_KIND_AUTO, flat_max=8)
+        index.CreateCollection(ipb.CreateCollectionRequest(name="bascule", index=spec), timeout=30)
+        documents = [ipb.Document(id=f"d{i}", text=f"Aide-soignante de nuit {i}") for i in range(12)]
+        index.Upsert(ipb.UpsertRequest(collection="bascule", documents=documents), timeout=60)
+    collection = server.running.collections.get("bascule")
+    assert collection.rebuilds.join(60)
+    samples = scrape(server)
+    assert value(samples, "openemploi_index_rebuilds_total", collection="bascule", outcome="completed") == 1
+    assert value(samples, "openemploi_index_rebuilds_total", collection="bascule", outcome="failed") == 0
+    assert value(samples, "openemploi_index_rebuild_running", collection="bascule") == 0
+    assert collection.index.kind != "flat"
