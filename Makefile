@@ -17,7 +17,7 @@ DURATION ?= 60s
 FUZZ_REQUESTS ?= 10000
 
 
-.PHONY: lock install lint model serve test test-fast bench bench-peers loadtest fuzz overload chaos eval-skills finetune proto clean-models
+.PHONY: lock install lint model serve serve-ray test test-fast bench bench-peers bench-ray loadtest fuzz overload chaos eval-skills finetune proto clean-models
 
 # Installs exactly what requirements/lock.txt pins (hashes checked, nothing resolved), then the
 # project itself without its dependencies. `make lock` is the only way the pins change.
@@ -55,6 +55,10 @@ finetune: model
 serve: model
 	$(BIN)/openemploi serve $(ARGS)
 
+# The same services through Ray Serve: a local single-node Ray unless ARGS has --ray-address.
+serve-ray: model
+	$(BIN)/openemploi serve --ray $(ARGS)
+
 # `python -P`: the repo root stays off sys.path, so its top-level folders (kernels/, server/) never
 # shadow an installed distribution of the same name; tests import only the installed `openemploi`.
 test: model lint
@@ -73,6 +77,11 @@ bench: model
 bench-peers: model
 	$(BIN)/python benchmarks/peers.py --install
 	$(BIN)/python benchmarks/suite.py --parts peers $(ARGS)
+
+# 1 vs 2 Embedder replicas on Ray Serve (a head and two worker nodes started here) against the
+# single-process server, same clients, one run (~5 min): benchmarks/results/ray-scale-<date>-vm.{json,md}.
+bench-ray: model
+	$(BIN)/python -P benchmarks/ray_scale.py $(ARGS)
 
 # Headless locust run against a server it starts itself: CSV + HTML under benchmarks/results/loadtest/.
 loadtest: model

@@ -47,15 +47,39 @@ def _server_config(args: argparse.Namespace, overrides: dict) -> ServerConfig | 
 def _serve(args: argparse.Namespace) -> int:
     from .app import serve_forever
 
-    overrides = {"host": args.host, "port": args.port, "model_repository": args.model_repository}
+    overrides = {"host": args.host, "port": args.port, "http_port": args.http_port, "model_repository": args.model_repository}
     if args.models:
         overrides["models"] = args.models.split(",")
     config = _server_config(args, overrides)
     if config is None:
         return 2
+    if args.ray:
+        return _serve_ray(args, config)
     try:
         asyncio.run(serve_forever(config))
     except ConfigError as exc:  # tokens file or TLS files, read at start
+        print(f"openemploi: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _serve_ray(args: argparse.Namespace, config: ServerConfig) -> int:
+    """The same services through Ray Serve; `openemploi.scaleout` (and Ray) is imported only here."""
+    from .scaleout import RayOptions
+    from .scaleout.app import serve_forever as serve_ray
+
+    try:
+        options = RayOptions(
+            address=args.ray_address,
+            grpc_port=config.port,
+            http_port=config.http_port,
+            embed_replicas=args.embed_replicas,
+            max_embed_replicas=args.max_embed_replicas,
+            shards=args.shards,
+            num_gpus_per_replica=args.gpus_per_replica,
+        )
+        asyncio.run(serve_ray(options, config))
+    except (ConfigError, ValueError) as exc:
         print(f"openemploi: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -277,8 +301,15 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, default=None, help="TOML config file")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--http-port", type=int, default=None, help="the HTTP API's port (config http_port; 0: a free one)")
     serve.add_argument("--model-repository", default=None)
     serve.add_argument("--models", default=None, help="comma-separated models to load at start")
+    serve.add_argument("--ray", action="store_true", help="serve through Ray Serve (gRPC proxy on --port)")
+    serve.add_argument("--ray-address", default=None, help="a running Ray cluster (default: start a local one)")
+    serve.add_argument("--embed-replicas", type=int, default=1, help="--ray: Embedder replicas (the autoscaler's floor)")
+    serve.add_argument("--max-embed-replicas", type=int, default=0, help="--ray: autoscale up to this many (0: fixed)")
+    serve.add_argument("--gpus-per-replica", type=float, default=0.0, help="--ray: GPUs per Embedder replica")
+    serve.add_argument("--shards", type=int, default=2, help="--ray: CollectionShard deployments (0: in the gateway)")
     serve.set_defaults(func=_serve)
 
     catalogues = sub.add_parser("index-catalogues", help="index the catalogue collections serve keeps (rome, ...), then exit")

@@ -17,7 +17,14 @@ from typing import NamedTuple
 import grpc
 
 from ..batching import BatcherClosedError, DeadlineExceededError, QueueFullError
-from ..index.collection import CollectionExists, CollectionNotFound, CollectionReplaced, CollectionUnavailable, InvalidQuery
+from ..index.collection import (
+    CollectionExists,
+    CollectionNotFound,
+    CollectionReplaced,
+    CollectionUnavailable,
+    InvalidQuery,
+    ShardUnavailable,
+)
 from ..index.store import StorageFull
 from ..runtime.registry import ModelInUse, NonFiniteEmbeddingError
 from ..runtime.repository import ModelNotBuilt, ModelNotFound
@@ -108,6 +115,9 @@ STATUS_BY_ERROR: Mapping[type[Exception], StatusRule] = MappingProxyType(
         CollectionReplaced: StatusRule(grpc.StatusCode.ABORTED, "COLLECTION_REPLACED"),
         CollectionUnavailable: StatusRule(grpc.StatusCode.FAILED_PRECONDITION, "COLLECTION_UNAVAILABLE"),
         InvalidQuery: StatusRule(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_QUERY"),
+        # UNAVAILABLE, not INTERNAL: a shard's replica died or its node left (scale-out); Ray restarts it on its
+        # disk, acknowledged writes included, so the same call succeeds once it is back.
+        ShardUnavailable: StatusRule(grpc.StatusCode.UNAVAILABLE, "SHARD_UNAVAILABLE"),
         TextTooLongError: StatusRule(
             grpc.StatusCode.INVALID_ARGUMENT, "TEXT_TOO_LONG", field=lambda exc: f"texts[{getattr(exc, 'index', 0)}]"
         ),

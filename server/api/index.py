@@ -11,8 +11,10 @@ import numpy as np
 from openemploi.v1 import index_pb2, index_pb2_grpc
 
 from ..config import LimitsConfig
-from ..index.collection import Collection, CollectionManager, CollectionSpec, SearchQuery
+from ..index.collection import CollectionSpec
+from ..index.protocols import CollectionLike, Collections
 from ..index.reembed import reembed_collection
+from ..index.search import SearchQuery
 from ..index.store import NewDocument, StoredDocument
 from ..index.vectors import IndexParams
 from ..runtime.registry import LoadedModel, ModelRegistry
@@ -37,7 +39,7 @@ from .validation import (
 KINDS = {index_pb2.INDEX_KIND_AUTO: "auto", index_pb2.FLAT: "flat", index_pb2.HNSW: "hnsw", index_pb2.IVF: "ivf"}
 
 
-def collection_info(collection: Collection) -> index_pb2.CollectionInfo:
+def collection_info(collection: CollectionLike) -> index_pb2.CollectionInfo:
     spec = collection.spec
     return index_pb2.CollectionInfo(
         name=spec.name,
@@ -60,7 +62,7 @@ def document_message(doc: StoredDocument, include_vector: bool, spec: Collection
     return message
 
 
-def collection_model(registry: ModelRegistry, collection: Collection) -> LoadedModel:
+def collection_model(registry: ModelRegistry, collection: CollectionLike) -> LoadedModel:
     """The exact model version that embedded the collection; anything else would mix vector spaces."""
     spec = collection.spec
     try:
@@ -72,7 +74,7 @@ def collection_model(registry: ModelRegistry, collection: Collection) -> LoadedM
         ) from exc
 
 
-def check_vector_model(collection: Collection, vector_model: str, what: str = "vector") -> None:
+def check_vector_model(collection: CollectionLike, vector_model: str, what: str = "vector") -> None:
     """Same-dimension vectors of two models (e5-small, MiniLM: 384) would mix silently; empty trusts the caller."""
     if not vector_model:
         return
@@ -91,7 +93,7 @@ def as_vector(values: Sequence[float]) -> np.ndarray:
 class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     def __init__(
         self,
-        manager: CollectionManager,
+        manager: Collections,
         registry: ModelRegistry,
         limits: LimitsConfig,
         pool: rpc.WorkPool,
@@ -240,7 +242,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
 
 async def search_query(
     registry: ModelRegistry,
-    collection: Collection,
+    collection: CollectionLike,
     request: index_pb2.SearchRequest,
     deadline: float | None,
     limits: LimitsConfig,

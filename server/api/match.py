@@ -8,7 +8,7 @@ import numpy as np
 from openemploi.v1 import match_pb2, match_pb2_grpc
 
 from ..config import LimitsConfig
-from ..index.collection import Collection, CollectionManager
+from ..index.protocols import CollectionLike, CollectionManagerLike
 from ..matching.matcher import OccupationMatcher, OccupationScore, match_profile
 from ..runtime.registry import ModelRegistry
 from ..tokenize import TextKind
@@ -31,7 +31,7 @@ from .validation import (
 class MatchServicer(match_pb2_grpc.MatchServiceServicer):
     def __init__(
         self,
-        manager: CollectionManager,
+        manager: CollectionManagerLike,
         registry: ModelRegistry,
         occupations: OccupationMatcher | None,
         limits: LimitsConfig,
@@ -43,7 +43,7 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
         self._pool = pool
         self.occupations = occupations  # set once the ROME collection is indexed
 
-    async def _embed_query(self, collection: Collection, text: str, deadline: float | None) -> np.ndarray:
+    async def _embed_query(self, collection: CollectionLike, text: str, deadline: float | None) -> np.ndarray:
         model = collection_model(self._registry, collection)
         result = await model.embed([text], TextKind.QUERY, truncate=True, deadline=deadline)
         return result.normalized[0]

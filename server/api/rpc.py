@@ -242,12 +242,18 @@ def registered_services(server: grpc.aio.Server) -> Mapping[str, Registered]:
     return MappingProxyType(_REGISTERED.get(server, {}))
 
 
+def describe_service(servicer: object, pb_module: ModuleType, service: str) -> Registered:
+    """What `register_service` records, also for a host without a grpc.aio.Server (Ray Serve's gateway)."""
+    return Registered(servicer, pb_module, pb_module.DESCRIPTOR.services_by_name[service])
+
+
 def register_service(
     servicer: object, server: grpc.aio.Server, pb_module: ModuleType, service: str, strings: str = "strings"
 ) -> None:
     """Register every method of `service` with parsers that never raise; `strings` names what must be UTF-8."""
-    descriptor = pb_module.DESCRIPTOR.services_by_name[service]
-    _REGISTERED.setdefault(server, {})[descriptor.full_name] = Registered(servicer, pb_module, descriptor)
+    registered = describe_service(servicer, pb_module, service)
+    descriptor = registered.descriptor
+    _REGISTERED.setdefault(server, {})[descriptor.full_name] = registered
     handlers = {
         method.name: _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)](
             getattr(servicer, method.name),

@@ -15,7 +15,7 @@ from ..matching.matcher import OccupationMatcher
 from ..runtime.registry import LoadedModel, ModelRegistry
 from ..skills.engine import Needs, SkillsEngine
 from ..skills.extract import Extracted
-from ..skills.split import split_clauses
+from ..skills.split import length_groups, split_clauses
 from ..skills.transitions import Ranked
 from ..tokenize import TextKind
 from . import rpc
@@ -58,9 +58,12 @@ class SkillsServicer(skills_pb2_grpc.SkillsServiceServicer):
         return clauses
 
     async def _embed(self, model: LoadedModel, texts: list[str], call: rpc.Call) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, model.dim), np.float32)
-        return (await model.embed(texts, TextKind.QUERY, truncate=True, deadline=call.deadline)).normalized
+        """In groups of similar length, one after the other, so the batcher does not pad them all to the longest."""
+        vectors = np.zeros((len(texts), model.dim), np.float32)
+        for group in length_groups(texts):
+            batch = [texts[i] for i in group]
+            vectors[group] = (await model.embed(batch, TextKind.QUERY, truncate=True, deadline=call.deadline)).normalized
+        return vectors
 
     def _skill(self, engine: SkillsEngine, e: Extracted, clauses: list[str]) -> skills_pb2.ExtractedSkill:
         skill = engine.space.skills[e.skill]
@@ -78,7 +81,7 @@ class SkillsServicer(skills_pb2_grpc.SkillsServiceServicer):
         clauses = self._clauses("text", text)
         model = collection_model(self._registry, collection)
         vectors = await self._embed(model, clauses, call)
-        extracted = await self._pool.run(call, engine.extract, vectors, k, request.min_score or None)
+        extracted = await self._pool.run(call, engine.extract, clauses, vectors, k, request.min_score or None)
         return skills_pb2.ExtractSkillsResponse(
             skills=[self._skill(engine, e, clauses) for e in extracted],
             model=collection.spec.model,
@@ -141,7 +144,8 @@ class SkillsServicer(skills_pb2_grpc.SkillsServiceServicer):
         model = collection_model(self._registry, collection)
         texts = [*clauses, *phrases] + ([text] if text else [])
         vectors = await self._embed(model, texts, call)
-        found = await self._pool.run(call, engine.extract, vectors[: len(clauses) + len(phrases)], self._limits.skills_max_k)
+        stated = [*clauses, *phrases]
+        found = await self._pool.run(call, engine.extract, stated, vectors[: len(stated)], self._limits.skills_max_k)
         whole = vectors[-1] if text else None
         return await self._pool.run(call, engine.from_person, known | {e.skill for e in found}, whole, k)
 
@@ -171,14 +175,14 @@ class SkillsServicer(skills_pb2_grpc.SkillsServiceServicer):
         clauses = self._clauses("text", text)
         model = collection_model(self._registry, collection)
         rome_model = collection_model(self._registry, self.occupations.collection)
-        if rome_model is model:  # one batch: the ad and its clauses
+        if rome_model is model:  # one call: the ad and its clauses
             vectors = await self._embed(model, [text, *clauses], call)
             ad, clause_vectors = vectors[0], vectors[1:]
         else:
             ad = (await self._embed(rome_model, [text], call))[0]
             clause_vectors = await self._embed(model, clauses, call)
         matches = await self._pool.run(call, self.occupations.match, cap_query_terms(text, self._limits), ad, k)
-        extracted = await self._pool.run(call, engine.extract, clause_vectors, DESCRIBE_SKILLS)
+        extracted = await self._pool.run(call, engine.extract, clauses, clause_vectors, DESCRIBE_SKILLS)
         needs = engine.needs(extracted, matches[0].occupation.code) if matches else Needs([], extracted)
         return skills_pb2.DescribeNeedsResponse(
             occupations=[occupation_match(s) for s in matches],

@@ -21,12 +21,13 @@ from typing import cast
 
 import numpy as np
 
-from openemploi.kernels import RRF_K, fuse_topk, fusion_candidates
+from openemploi.kernels import fusion_candidates
 
 from . import layout, snapshot
 from .durable import SWAP_STAGED, SWAP_SWITCHED, crash_point
 from .layout import NAME_PATTERN
 from .rebuild import IndexBuilder, Rebuilder, build_index
+from .search import Hit, SearchQuery, SearchResult, fuse
 from .store import NewDocument, StorageFull, Store, StoredDocument, storage_full
 from .text import LEXICAL_FORM_VERSION, fts_query
 from .vectors import MAX_K, GpuPool, IndexParams, VectorIndex
@@ -62,6 +63,10 @@ class CollectionUnavailable(CollectionError):
     """The collection is on disk but could not be opened at start: it is set aside, the others serve."""
 
 
+class ShardUnavailable(CollectionError):
+    """A shard of a sharded collection (scaleout) did not answer: retry; acknowledged writes are on its disk."""
+
+
 @dataclass(frozen=True)
 class CollectionSpec:
     name: str
@@ -70,37 +75,6 @@ class CollectionSpec:
     dim: int
     params: IndexParams = field(default_factory=IndexParams)
     created_at: str = ""
-
-
-@dataclass(frozen=True)
-class SearchQuery:
-    vector: np.ndarray | None
-    k: int
-    text: str = ""
-    filters: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    skills_all: tuple[str, ...] = ()
-    skills_any: tuple[str, ...] = ()
-    hybrid: bool = False
-    fusion: str = "rrf"  # rrf | weighted
-    dense_weight: float = 0.7
-    candidates: int = 0  # dense/lexical pool before fusion; 0: max(4k, 50)
-    include_vectors: bool = False
-
-
-@dataclass
-class Hit:
-    document: StoredDocument
-    score: float
-    dense_score: float
-    lexical_score: float
-    dense_rank: int
-    lexical_rank: int
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    hits: list[Hit]
-    explanation: str
 
 
 class Collection:
@@ -309,16 +283,36 @@ class Collection:
         return self.store.count()
 
     def search(self, query: SearchQuery) -> SearchResult:
+        dense, lexical = self.candidates(query)
+        if not query.hybrid:
+            docs = self.store.by_seqs([s for s, _ in dense], query.include_vectors)
+            hits = [Hit(docs[s], score, score, 0.0, rank, 0) for rank, (s, score) in enumerate(dense, 1) if s in docs]
+            return SearchResult(hits[: query.k], "score = cosine(query, document)")
+        return self._fuse(query, dense, lexical)
+
+    def candidates(
+        self, query: SearchQuery, unknown_fields_match_nothing: bool = False
+    ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+        """The query checked, then the dense and lexical candidates (FAISS id, score) that `search` fuses.
+
+        Apart so a sharded collection (scaleout) fuses the candidates of all its shards at once; a shard
+        that lacks a filter field another shard has matches nothing (`unknown_fields_match_nothing`).
+        """
         if not 1 <= query.k <= MAX_K:
             raise InvalidQuery(f"k must be between 1 and {MAX_K}, got {query.k}")
         if query.vector is None:
             raise InvalidQuery("a query vector (or text) is required")
         self.check_vector(query.vector, "query")
+        unknown = False
         for name, values in query.filters:
             if not values:
                 raise InvalidQuery(f"filter on {name!r} has no values")
             if not self.store.has_field(name):
-                raise InvalidQuery(f"filter on unknown field {name!r}: no document in {self.spec.name!r} has it")
+                if not unknown_fields_match_nothing:
+                    raise InvalidQuery(f"filter on unknown field {name!r}: no document in {self.spec.name!r} has it")
+                unknown = True
+        if unknown:
+            return [], []
         allowed = None
         if query.filters or query.skills_all or query.skills_any:
             allowed = self.store.filtered_seqs(query.filters, query.skills_all, query.skills_any)
@@ -326,11 +320,9 @@ class Collection:
         pool = min(pool, MAX_K)
         dense = self._dense(query.vector, pool if query.hybrid else query.k, allowed)
         if not query.hybrid:
-            docs = self.store.by_seqs([s for s, _ in dense], query.include_vectors)
-            hits = [Hit(docs[s], score, score, 0.0, rank, 0) for rank, (s, score) in enumerate(dense, 1) if s in docs]
-            return SearchResult(hits[: query.k], "score = cosine(query, document)")
+            return dense, []
         lexical = self.store.lexical(fts_query(query.text), pool, allowed) if query.text else []
-        return self._fuse(query, dense, lexical)
+        return dense, lexical
 
     def _dense(self, vector: np.ndarray, k: int, allowed: np.ndarray | None) -> list[tuple[int, float]]:
         if allowed is not None and len(allowed) <= EXACT_FILTER_MAX:
@@ -350,43 +342,12 @@ class Collection:
         return [(int(seqs[i]), float(scores[i])) for i in order]
 
     def _fuse(self, query: SearchQuery, dense: list[tuple[int, float]], lexical: list[tuple[int, float]]) -> SearchResult:
-        """Fuse the two candidate lists with the numba kernel (kernels.fuse_topk, 7x numpy here).
-
-        Every candidate gets its exact cosine (lexical-only ones too), so the dense score shown
-        and the weighted fusion never rely on a missing value.
-        """
+        """Every candidate gets its exact cosine (lexical-only ones too), so the dense score shown
+        and the weighted fusion never rely on a missing value."""
         candidates = fusion_candidates([s for s, _ in dense], [s for s, _ in lexical]).tolist()
         docs = self.store.by_seqs(candidates, include_vectors=True)
-        dense = [(s, score) for s, score in dense if s in docs]
-        lexical = [(s, score) for s, score in lexical if s in docs]
-        union = [s for s in candidates if s in docs]
-        cosine = {s: float(cast(np.ndarray, docs[s].vector) @ query.vector) for s in union}
-        fused = fuse_topk(
-            np.asarray([s for s, _ in dense], np.int64),
-            np.asarray([c for _, c in dense], np.float64),
-            np.asarray([s for s, _ in lexical], np.int64),
-            np.asarray([c for _, c in lexical], np.float64),
-            query.k,
-            query.fusion,
-            query.dense_weight,
-            np.asarray([cosine[s] for s in union], np.float64),
-        )
-        lexical_score = dict(lexical)
-        hits = []
-        for s, score, dense_rank, lexical_rank in zip(
-            fused.ids.tolist(), fused.scores.tolist(), fused.dense_rank.tolist(), fused.lexical_rank.tolist()
-        ):
-            doc = docs[s]
-            if not query.include_vectors:
-                doc = StoredDocument(doc.seq, doc.id, doc.text, doc.metadata, doc.skills, None, doc.model_version)
-            hits.append(Hit(doc, score, cosine[s], lexical_score.get(s, 0.0), dense_rank, lexical_rank))
-        if query.fusion == "weighted":
-            explanation = (
-                f"score = {query.dense_weight:g} * cosine + {1 - query.dense_weight:g} * bm25 / max bm25 of the candidates"
-            )
-        else:
-            explanation = f"score = sum over the dense and lexical rankings of 1 / ({RRF_K} + rank) (reciprocal rank fusion)"
-        return SearchResult(hits, explanation)
+        cosine = {s: float(cast(np.ndarray, doc.vector) @ query.vector) for s, doc in docs.items()}
+        return fuse(query, dense, lexical, docs, cosine)
 
 
 class CollectionManager:

@@ -10,19 +10,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from .collection import Collection, CollectionManager, CollectionReplaced, CollectionSpec, InvalidQuery
+from .protocols import CollectionLike, Collections, EmbedTexts
 from .store import NewDocument
 
 log = logging.getLogger(__name__)
 
-EmbedTexts = Callable[[list[str]], Coroutine[Any, Any, np.ndarray]]
 BATCH = 256
 FINAL_DELTA = 512  # copy under the write lock once fewer changes than this remain
 
@@ -60,8 +58,10 @@ def _drop_deleted(old: Collection, new: Collection) -> int:
 
 
 async def reembed_collection(
-    manager: CollectionManager, name: str, model: str, model_version: str, dim: int, embed: EmbedTexts, progress: bool = True
-) -> Collection:
+    manager: Collections, name: str, model: str, model_version: str, dim: int, embed: EmbedTexts, progress: bool = True
+) -> CollectionLike:
+    if not isinstance(manager, CollectionManager):  # sharded (scaleout): each shard's part, switched together
+        return await manager.reembed(name, model, model_version, dim, embed, progress)
     old = manager.get(name)
     staging = manager.root / f".reembed-{name}"
     spec = CollectionSpec(name, model, model_version, dim, old.spec.params)

@@ -11,7 +11,8 @@ import logging
 
 from tqdm import tqdm
 
-from ..index.collection import Collection, CollectionManager, CollectionNotFound, CollectionSpec
+from ..index.collection import CollectionNotFound, CollectionSpec
+from ..index.protocols import CollectionLike, CollectionManagerLike
 from ..index.store import NewDocument
 from ..index.vectors import IndexParams
 from ..runtime.registry import LoadedModel
@@ -24,8 +25,8 @@ IN_FLIGHT = 8
 
 
 async def ensure_rome_collection(
-    manager: CollectionManager, model: LoadedModel, occupations: list[Occupation], name: str = "rome", progress: bool = True
-) -> Collection:
+    manager: CollectionManagerLike, model: LoadedModel, occupations: list[Occupation], name: str = "rome", progress: bool = True
+) -> CollectionLike:
     version = catalogue_version()
     try:
         existing = manager.get(name)

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..index.collection import Collection, Hit, SearchQuery
+from ..index.protocols import CollectionLike
+from ..index.search import Hit, SearchQuery
 from ..index.text import fold_skill, terms
 from ..index.vectors import MAX_K
 from .catalogue import Occupation, entries
@@ -54,7 +55,7 @@ class OccupationMatcher:
     (fusion.py: best cosine per entry kind plus a bonus, plus a share of the normalised bm25)."""
 
     def __init__(
-        self, collection: Callable[[], Collection], occupations: list[Occupation], fusion: FusionTable | None = None
+        self, collection: Callable[[], CollectionLike], occupations: list[Occupation], fusion: FusionTable | None = None
     ) -> None:
         self._collection = collection  # looked up per call: a re-embed swaps the collection object
         self.occupations = {o.code: o for o in occupations}
@@ -62,10 +63,10 @@ class OccupationMatcher:
         self.fusion = fusion if fusion is not None else FusionTable.load()
 
     @property
-    def collection(self) -> Collection:
+    def collection(self) -> CollectionLike:
         return self._collection()
 
-    def _evidence(self, collection: Collection, text: str, vector: np.ndarray) -> dict[str, _Evidence]:
+    def _evidence(self, collection: CollectionLike, text: str, vector: np.ndarray) -> dict[str, _Evidence]:
         result = collection.search(
             SearchQuery(vector=vector, k=OCCUPATION_POOL, text=text, hybrid=True, candidates=OCCUPATION_POOL)
         )
@@ -118,7 +119,7 @@ class OccupationMatcher:
 
 
 def match_profile(
-    collection: Collection,
+    collection: CollectionLike,
     vector: np.ndarray,
     skills: list[str],
     k: int,

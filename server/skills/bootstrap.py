@@ -1,8 +1,9 @@
 """Index the ESCO skills and the catalogue's French lines into `esco_skills` at first start, and derive profiles.
 
-Mirrors matching/bootstrap.py: re-indexed only when the ESCO data, the ROME catalogue, the
-profile thresholds or the model version change; the collection records them, so a restart
-reads vectors, the line-to-skill map and near-duplicates back from disk.
+Mirrors matching/bootstrap.py: re-indexed only when the ESCO data, the ROME catalogue, what is
+embedded per skill (INDEX_RECIPE), the profile thresholds or the model version change; the
+collection records them, so a restart reads vectors, the line-to-skill map and near-duplicates
+back from disk.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from dataclasses import asdict
 import numpy as np
 from tqdm import tqdm
 
-from ..index.collection import Collection, CollectionManager, CollectionNotFound, CollectionSpec
+from ..index.collection import CollectionNotFound, CollectionSpec
+from ..index.protocols import CollectionLike, CollectionManagerLike
 from ..index.store import NewDocument
 from ..index.vectors import IndexParams
 from ..matching.catalogue import Occupation, catalogue_version
@@ -25,37 +27,30 @@ from ..runtime.registry import LoadedModel
 from ..tokenize import TextKind
 from .engine import SkillsEngine
 from .esco import Skill, load_skills, skills_version
-from .extract import ExtractParams, SkillSpace, map_lines
+from .extract import ExtractParams, SkillSpace, centre, map_lines, skill_matrix
 from .profiles import ProfileParams, derive_profiles, near_duplicates, occupation_lines
 from .transitions import TransitionParams
 
 log = logging.getLogger(__name__)
 BATCH = 64
 IN_FLIGHT = 8
-# Of a skill's label run, the first characters embedded (cut at a word): the preferred label and its
-# closest variants. Longer runs add more synonyms but cost tokens: 13,939 runs of 400 characters
-# take 4x longer to index than of 120.
-LABEL_CHARS = 120
+# What is embedded and how it is combined: part of the re-index key, so that a change here re-indexes
+# production and the test catalogues. Each skill twice, as passages: its full description (id: URI)
+# and its preferred label (id: LABEL_ID + URI); each French catalogue line as a query, as clauses are.
+INDEX_RECIPE = "skills-2:passage(description),passage(label),centred-mean;lines:query"
+LABEL_ID = "esco-label:"
 LINE_ID = "rome-line:"
 MAP_KEY = "skills_map"
 
 
 def data_version(params: ProfileParams) -> str:
-    key = f"{skills_version()}:{catalogue_version()}:{LABEL_CHARS}:{json.dumps(asdict(params))}"
+    key = f"{skills_version()}:{catalogue_version()}:{INDEX_RECIPE}:{json.dumps(asdict(params))}"
     digest = hashlib.sha256(key.encode())
     return digest.hexdigest()[:16]
 
 
 def catalogue_lines(occupations: Sequence[Occupation]) -> list[str]:
     return sorted({line for o in occupations for line in occupation_lines(o)})
-
-
-def label_text(skill: Skill) -> str:
-    """What is embedded for a skill: its preferred label first, then variants up to LABEL_CHARS."""
-    if len(skill.labels) <= LABEL_CHARS:
-        return skill.labels
-    cut = skill.labels.rfind(" ", 0, LABEL_CHARS + 1)
-    return skill.labels[: max(cut, len(skill.label))]
 
 
 async def _embed_all(
@@ -70,16 +65,27 @@ async def _embed_all(
 
 
 async def _index(
-    collection: Collection, model: LoadedModel, skills: list[Skill], lines: list[str], progress: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    skill_vectors = np.zeros((len(skills), model.dim), np.float32)
+    collection: CollectionLike, model: LoadedModel, skills: list[Skill], lines: list[str], progress: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(description vectors, label vectors, line vectors), each row as embedded, also stored in the collection."""
+    descriptions = np.zeros((len(skills), model.dim), np.float32)
+    labels = np.zeros((len(skills), model.dim), np.float32)
     line_vectors = np.zeros((len(lines), model.dim), np.float32)
-    bar = tqdm(total=len(skills) + len(lines), desc=f"indexing {collection.spec.name}", unit="entry", disable=not progress)
+    total = 2 * len(skills) + len(lines)
+    bar = tqdm(total=total, desc=f"indexing {collection.spec.name}", unit="entry", disable=not progress)
 
-    async def store_skills(start: int, vectors: np.ndarray) -> None:
-        skill_vectors[start : start + len(vectors)] = vectors
+    async def store_descriptions(start: int, vectors: np.ndarray) -> None:
+        descriptions[start : start + len(vectors)] = vectors
         documents = [
-            NewDocument(s.uri, s.labels, v, {"kind": "esco", "label": s.label})
+            NewDocument(s.uri, s.description, v, {"kind": "esco", "label": s.label})
+            for s, v in zip(skills[start : start + len(vectors)], vectors)
+        ]
+        await asyncio.to_thread(collection.upsert, documents)
+
+    async def store_labels(start: int, vectors: np.ndarray) -> None:
+        labels[start : start + len(vectors)] = vectors
+        documents = [
+            NewDocument(f"{LABEL_ID}{s.uri}", s.label, v, {"kind": "esco_label"})
             for s, v in zip(skills[start : start + len(vectors)], vectors)
         ]
         await asyncio.to_thread(collection.upsert, documents)
@@ -93,14 +99,15 @@ async def _index(
         await asyncio.to_thread(collection.upsert, documents)
 
     try:
-        await _embed_all(model, [label_text(s) for s in skills], TextKind.PASSAGE, bar, store_skills)
-        await _embed_all(model, lines, TextKind.QUERY, bar, store_lines)  # as clauses are: the vote compares like with like
+        await _embed_all(model, [s.description for s in skills], TextKind.PASSAGE, bar, store_descriptions)
+        await _embed_all(model, [s.label for s in skills], TextKind.PASSAGE, bar, store_labels)
+        await _embed_all(model, lines, TextKind.QUERY, bar, store_lines)  # as clauses are: mapped like one
     finally:
         bar.close()
-    return skill_vectors, line_vectors
+    return descriptions, labels, line_vectors
 
 
-def _read_vectors(collection: Collection, ids: list[str], dim: int) -> np.ndarray:
+def _read_vectors(collection: CollectionLike, ids: list[str], dim: int) -> np.ndarray:
     docs = collection.get(ids, include_vectors=True)
     matrix = np.zeros((len(ids), dim), np.float32)
     for i, doc_id in enumerate(ids):
@@ -112,21 +119,21 @@ def _read_vectors(collection: Collection, ids: list[str], dim: int) -> np.ndarra
 
 
 async def ensure_skills_collection(
-    manager: CollectionManager,
+    manager: CollectionManagerLike,
     model: LoadedModel,
     occupations: list[Occupation],
-    rome: Collection,
+    rome: CollectionLike,
     name: str = "esco_skills",
     progress: bool = True,
     profile_params: ProfileParams | None = None,
     extract_params: ExtractParams | None = None,
     transition_params: TransitionParams | None = None,
-) -> tuple[Collection, SkillsEngine]:
+) -> tuple[CollectionLike, SkillsEngine]:
     params = profile_params or ProfileParams()
     skills = await asyncio.to_thread(load_skills)
     lines = catalogue_lines(occupations)
     version = data_version(params)
-    collection: Collection | None = None
+    collection: CollectionLike | None = None
     try:
         existing = manager.get(name)
         same_model = (existing.spec.model, existing.spec.model_version) == (model.name, model.version.version)
@@ -138,19 +145,19 @@ async def ensure_skills_collection(
     except CollectionNotFound:
         pass
     if collection is not None:
-        skill_vectors = await asyncio.to_thread(_read_vectors, collection, [s.uri for s in skills], model.dim)
+        descriptions = await asyncio.to_thread(_read_vectors, collection, [s.uri for s in skills], model.dim)
+        labels = await asyncio.to_thread(_read_vectors, collection, [f"{LABEL_ID}{s.uri}" for s in skills], model.dim)
         line_vectors = await asyncio.to_thread(_read_vectors, collection, [f"{LINE_ID}{i}" for i in range(len(lines))], model.dim)
         line_skills, neighbours = decode_map(collection.store.get_info(MAP_KEY), skills)
+        space = _space(skills, descriptions, labels, line_vectors)
     else:
         spec = CollectionSpec(name, model.name, model.version.version, model.dim, IndexParams(kind="flat"))
         collection = await asyncio.to_thread(manager.create, spec)
-        skill_vectors, line_vectors = await _index(collection, model, skills, lines, progress)
-        line_skills = await asyncio.to_thread(map_lines, line_vectors, skill_vectors, params.per_line, params.min_score)
-        used = sorted({s for pairs in line_skills for s, _ in pairs})
-        neighbours = await asyncio.to_thread(near_duplicates, used, skill_vectors, params.near_duplicate)
+        descriptions, labels, line_vectors = await _index(collection, model, skills, lines, progress)
+        space = _space(skills, descriptions, labels, line_vectors)
+        line_skills, neighbours = await asyncio.to_thread(map_catalogue, space, params)
         collection.store.set_info({"skills_version": version, MAP_KEY: encode_map(line_skills, neighbours, skills)})
         await asyncio.to_thread(collection.snapshot)
-    space = SkillSpace(skills, skill_vectors, lines, line_vectors, line_skills)
     profiles = derive_profiles(occupations, lines, line_skills)
     occupation_vectors = await asyncio.to_thread(_read_vectors, rome, [f"{o.code}:tasks" for o in occupations], rome.spec.dim)
     engine = await asyncio.to_thread(
@@ -165,6 +172,22 @@ async def ensure_skills_collection(
         engine.viable,
     )
     return collection, engine
+
+
+def _space(skills: list[Skill], descriptions: np.ndarray, labels: np.ndarray, line_vectors: np.ndarray) -> SkillSpace:
+    """The French side's mean comes from the catalogue's lines: many, varied, and never the texts scored."""
+    mean = line_vectors.mean(axis=0) if len(line_vectors) else np.zeros(descriptions.shape[1], np.float32)
+    mean = mean.astype(np.float32)
+    return SkillSpace(skills, skill_matrix(descriptions, labels), mean, centre(line_vectors, mean))
+
+
+def map_catalogue(space: SkillSpace, params: ProfileParams) -> tuple[list[list[tuple[int, float]]], dict[int, list[int]]]:
+    """Each French line's ESCO skills, scored as extraction scores a one-clause text, and the near-duplicates
+    among the skills any line reached (cosine of their skill_matrix rows, re-normalised)."""
+    line_skills = map_lines(space.lines, space.vectors, params.per_line, params.min_score)
+    used = sorted({s for pairs in line_skills for s, _ in pairs})
+    unit = centre(space.vectors, np.zeros(space.vectors.shape[1], np.float32))
+    return line_skills, near_duplicates(used, unit, params.near_duplicate)
 
 
 def encode_map(line_skills: list[list[tuple[int, float]]], neighbours: dict[int, list[int]], skills: list[Skill]) -> str:

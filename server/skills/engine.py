@@ -72,8 +72,10 @@ class SkillsEngine:
     def profile(self, code: str) -> list[ProfileSkill]:
         return self.profiles.get(self.occupation(code).code, [])
 
-    def extract(self, clause_vectors: np.ndarray, k: int, min_score: float | None = None) -> list[Extracted]:
-        return extract(self.space, clause_vectors, k, self.extract_params, min_score)
+    def extract(self, clauses: list[str], clause_vectors: np.ndarray, k: int, min_score: float | None = None) -> list[Extracted]:
+        """A text's clauses and their raw QUERY vectors, as the API embedded them."""
+        weights = np.fromiter((len(c) for c in clauses), np.float32, len(clauses))
+        return extract(self.space, clause_vectors, weights, k, self.extract_params, min_score)
 
     def skill_index(self, uri: str) -> int:
         if uri not in self.uri_index:

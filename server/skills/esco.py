@@ -42,6 +42,11 @@ class Skill:
     labels: str  # preferred and alternative labels, as one run of text
     definition: str
 
+    @property
+    def description(self) -> str:
+        """Labels and definition as the source runs them together: what is embedded for the skill's meaning."""
+        return " ".join(part for part in (self.labels, self.definition) if part)
+
 
 @dataclass(frozen=True)
 class LabelStats:

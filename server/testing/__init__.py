@@ -5,6 +5,7 @@ model_faults, disk_faults: fault injection and the checks that nothing acknowled
 fuzz_driver and fuzz: raw calls to every RPC and the hypothesis strategies that generate them (the
 only module here that imports hypothesis, a dev dependency). bench_results, bench_figures and
 bench_compare: the benchmark suite's result, its figures and the comparison of two runs.
+ray_cluster: a real Ray cluster of several nodes on this host (`ray start`), to kill and restart nodes.
 
 Nothing of the serving path imports this package.
 """

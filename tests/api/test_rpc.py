@@ -27,6 +27,7 @@ from openemploi.index.collection import (
     CollectionReplaced,
     CollectionUnavailable,
     InvalidQuery,
+    ShardUnavailable,
 )
 from openemploi.index.store import StorageFull
 from openemploi.runtime.registry import ModelInUse, NonFiniteEmbeddingError
@@ -50,6 +51,7 @@ from openemploi.v1 import embedding_pb2
             "collection 'x' set aside",
         ),
         (InvalidQuery("k must be between 1 and 2048"), grpc.StatusCode.INVALID_ARGUMENT, "k must be between 1 and 2048"),
+        (ShardUnavailable("shard 1 of 'x' did not answer"), grpc.StatusCode.UNAVAILABLE, "shard 1 of 'x' did not answer"),
         (TextTooLongError(3, 600, 512), grpc.StatusCode.INVALID_ARGUMENT, "texts[3] has 600 tokens"),
         (ModelNotFound("no model 'camembert'"), grpc.StatusCode.NOT_FOUND, "no model 'camembert'"),
         (ModelNotBuilt("run openemploi models build"), grpc.StatusCode.NOT_FOUND, "run openemploi models build"),
@@ -75,7 +77,7 @@ def test_every_row_of_the_table_is_covered_above():
     assert set(STATUS_BY_ERROR) == {
         CollectionNotFound, CollectionExists, CollectionReplaced, CollectionUnavailable, InvalidQuery, TextTooLongError, ModelNotFound,
         ModelNotBuilt, ModelInUse, StorageFull, QueueFullError, DeadlineExceededError, BatcherClosedError,
-        NonFiniteEmbeddingError, UnknownOccupation, UnknownSkill,
+        NonFiniteEmbeddingError, UnknownOccupation, UnknownSkill, ShardUnavailable,
     }  # fmt: skip
 
 

@@ -14,8 +14,8 @@ from openemploi.index.collection import (
     CollectionSpec,
     CollectionUnavailable,
     InvalidQuery,
-    SearchQuery,
 )
+from openemploi.index.search import SearchQuery
 from openemploi.index.store import NewDocument
 from openemploi.index.vectors import IndexParams
 

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 from openemploi.index import snapshot
-from openemploi.index.collection import Collection, CollectionManager, CollectionSpec, SearchQuery
+from openemploi.index.collection import Collection, CollectionManager, CollectionSpec
 from openemploi.index.durable import SNAPSHOT_RENAMED, SNAPSHOT_WRITTEN
 from openemploi.index.rebuild import RETRY_AFTER_CHANGES, Batches, build_index
+from openemploi.index.search import SearchQuery
 from openemploi.index.store import NewDocument
 from openemploi.index.vectors import IndexParams, VectorIndex
 

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 from openemploi.index import snapshot
-from openemploi.index.collection import Collection, CollectionSpec, SearchQuery
+from openemploi.index.collection import Collection, CollectionSpec
 from openemploi.index.durable import SNAPSHOT_RENAMED, SNAPSHOT_WRITTEN
+from openemploi.index.search import SearchQuery
 from openemploi.index.snapshot import IndexState
 from openemploi.index.store import NewDocument
 from openemploi.index.vectors import IndexParams

@@ -25,8 +25,8 @@ from openemploi.index.collection import (
     Collection,
     CollectionManager,
     CollectionSpec,
-    SearchQuery,
 )
+from openemploi.index.search import SearchQuery
 from openemploi.index.store import NewDocument, StorageFull, Store
 
 DIM = 32

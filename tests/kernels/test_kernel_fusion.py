@@ -84,6 +84,7 @@ def test_single_candidates(args):
 def _fuse_of_collection(args):
     """Collection._fuse itself, on a fake store whose 1-d vectors make the cosines union_dense."""
     collection = pytest.importorskip("openemploi.index.collection")
+    search = pytest.importorskip("openemploi.index.search")
     from openemploi.index.store import StoredDocument
 
     dense_ids, dense_scores, lexical_ids, lexical_scores, k, mode, weight, union_dense = args
@@ -91,7 +92,7 @@ def _fuse_of_collection(args):
     cosines = union_dense if union_dense is not None else np.zeros(len(union), np.float32)
     docs = {int(s): StoredDocument(int(s), str(s), "", {}, [], np.array([c], np.float32), "v") for s, c in zip(union, cosines)}
     store = SimpleNamespace(by_seqs=lambda seqs, include_vectors=False: {s: docs[s] for s in seqs})
-    query = collection.SearchQuery(vector=np.ones(1, np.float32), k=k, fusion=mode, dense_weight=weight, include_vectors=True)
+    query = search.SearchQuery(vector=np.ones(1, np.float32), k=k, fusion=mode, dense_weight=weight, include_vectors=True)
     dense = [(int(s), float(v)) for s, v in zip(dense_ids, dense_scores)]
     lexical = [(int(s), float(v)) for s, v in zip(lexical_ids, lexical_scores)]
     hits = collection.Collection._fuse(SimpleNamespace(store=store), query, dense, lexical).hits

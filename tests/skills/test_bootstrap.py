@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
+
 from openemploi.matching.catalogue import Occupation, load_catalogue
-from openemploi.skills.bootstrap import LABEL_CHARS, catalogue_lines, data_version, decode_map, encode_map, label_text
+from openemploi.skills import bootstrap
+from openemploi.skills.bootstrap import catalogue_lines, data_version, decode_map, encode_map, map_catalogue
 from openemploi.skills.esco import Skill
+from openemploi.skills.extract import SkillSpace, centre, skill_matrix
 from openemploi.skills.profiles import ProfileParams
 
 
-def test_label_text_keeps_the_preferred_label_and_cuts_at_a_word():
-    long = Skill("u", "drive forklifts", "drive forklifts " + "operate forklift trucks " * 20, "")
-    text = label_text(long)
-    assert text.startswith("drive forklifts") and len(text) <= LABEL_CHARS and long.labels.startswith(text + " ")
-    short = Skill("u", "bake bread", "bake bread make bread", "")
-    assert label_text(short) == "bake bread make bread"
+def test_a_skill_is_embedded_as_its_description_and_its_preferred_label():
+    skill = Skill("u", "drive forklifts", "drive forklifts operate forklift trucks", "Operate a forklift.")
+    assert skill.description == "drive forklifts operate forklift trucks Operate a forklift."
+    assert Skill("u", "bake", "bake", "").description == "bake"
 
 
 def test_catalogue_lines_are_the_distinct_task_and_skill_lines():
@@ -28,6 +31,26 @@ def test_catalogue_lines_are_the_distinct_task_and_skill_lines():
 def test_the_data_version_follows_the_profile_thresholds():
     assert data_version(ProfileParams()) == data_version(ProfileParams())
     assert data_version(ProfileParams(min_score=0.9)) != data_version(ProfileParams())
+
+
+def test_the_data_version_follows_the_indexing_recipe(monkeypatch: pytest.MonkeyPatch):
+    """A change of what is embedded per skill re-indexes production and the test catalogues."""
+    before = data_version(ProfileParams())
+    monkeypatch.setattr(bootstrap, "INDEX_RECIPE", bootstrap.INDEX_RECIPE + ";other")
+    assert data_version(ProfileParams()) != before
+
+
+def test_lines_map_to_their_skills_and_near_duplicates_pair_up():
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(4, 16)).astype(np.float32)
+    descriptions = np.concatenate([base, base[:1] + 0.05 * rng.normal(size=(1, 16)).astype(np.float32)])  # 4 ~ 0
+    labels = descriptions + 0.01
+    skills = [Skill(f"http://data.europa.eu/esco/skill/{i}", str(i), str(i), "") for i in range(5)]
+    lines = centre(np.stack([descriptions[0], descriptions[2]]), np.zeros(16, np.float32))
+    space = SkillSpace(skills, skill_matrix(descriptions, labels), np.zeros(16, np.float32), lines)
+    line_skills, neighbours = map_catalogue(space, ProfileParams(per_line=2, min_score=0.5, near_duplicate=0.9))
+    assert {s for s, _ in line_skills[0]} == {0, 4} and [s for s, _ in line_skills[1]] == [2]
+    assert neighbours[0] == [4] and neighbours[4] == [0] and neighbours[2] == []
 
 
 def test_the_line_map_round_trips_through_uris():

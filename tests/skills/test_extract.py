@@ -1,11 +1,22 @@
-"""Scoring clause vectors against skills: per-clause picks, French votes, de-duplication, line mapping."""
+"""Scoring a text's clause and whole vectors against skills: centring, the blend, de-duplication, line mapping."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from openemploi.skills.esco import Skill
-from openemploi.skills.extract import ExtractParams, SkillSpace, clause_scores, extract, map_lines
+from openemploi.skills.extract import (
+    ExtractParams,
+    SkillSpace,
+    centre,
+    expand,
+    extract,
+    map_lines,
+    skill_matrix,
+    skill_scores,
+    text_vector,
+)
 
 
 def unit(*values: float) -> np.ndarray:
@@ -13,50 +24,89 @@ def unit(*values: float) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def space(line_skills=None) -> SkillSpace:
-    skills = [Skill(f"http://data.europa.eu/esco/skill/{n}", n, n, "") for n in ("forklift", "trucks", "rigour", "cook")]
-    vectors = np.stack([unit(1, 0, 0, 0), unit(0.9, 0.44, 0, 0), unit(0, 0, 1, 0), unit(0, 0, 0, 1)])
-    lines = ["conduite de chariots élévateurs"]
-    line_vectors = np.stack([unit(0, 1, 0, 0)])
-    return SkillSpace(skills, vectors, lines, line_vectors, line_skills if line_skills is not None else [[(0, 0.95)]])
+NAMES = ("forklift", "trucks", "rigour", "cook")
 
 
-PARAMS = ExtractParams(min_score=0.8, per_clause=2, clause_margin=0.15, french_weight=1.0, french_min=0.9, french_lines=1)
+def space(mean: np.ndarray | None = None, lines: np.ndarray | None = None) -> SkillSpace:
+    """Skills as unit rows of a 5-d space whose last axis is the French side's shared offset."""
+    skills = [Skill(f"http://data.europa.eu/esco/skill/{n}", n, n, "") for n in NAMES]
+    vectors = np.stack([unit(1, 0, 0, 0, 0), unit(0.9, 0.44, 0, 0, 0), unit(0, 0, 1, 0, 0), unit(0, 0, 0, 1, 0)])
+    mean = np.zeros(5, np.float32) if mean is None else mean
+    return SkillSpace(skills, vectors, mean, np.zeros((0, 5), np.float32) if lines is None else lines)
+
+
+PARAMS = ExtractParams(min_score=0.3, clause_weight=0.5)
+
+
+def test_a_clause_moves_towards_its_nearest_catalogue_lines():
+    """A clause between two skills is settled by the French lines it is closest to."""
+    lines = np.stack([unit(0, 1, 0, 0, 0), unit(0, 0, 0, 1, 0), unit(0, 0, 0, 0.9, 0.44)])  # "trucks", "cook" twice
+    clause = unit(0.1, 0.4, 0, 0.6, 0)[None, :]
+    moved = expand(space(lines=lines), clause, ExtractParams(expand_lines=1, expand_weight=0.5))
+    assert np.allclose(moved, unit(*(clause[0] + 0.5 * lines[1]))[None, :], atol=1e-6)  # its nearest: line 1
+    two = expand(space(lines=lines), clause, ExtractParams(expand_lines=2, expand_weight=0.5))
+    assert np.allclose(two, unit(*(clause[0] + 0.25 * (lines[1] + lines[2])))[None, :], atol=1e-6)
+    assert (two @ space().vectors.T)[0, 3] > (clause @ space().vectors.T)[0, 3]  # closer to "cook"
+    assert expand(space(lines=lines), clause, ExtractParams(expand_weight=0)) is clause
+    assert expand(space(), clause, ExtractParams()) is clause  # no lines: nothing to move towards
+
+
+def lengths(*values: int) -> np.ndarray:
+    return np.asarray(values, np.float32)
 
 
 def test_each_skill_once_with_its_best_clause_as_evidence():
-    clauses = np.stack([unit(1, 0.05, 0, 0), unit(0.95, 0.3, 0, 0), unit(0, 0, 1, 0.1)])
-    found = extract(space([[]]), clauses, k=10, params=PARAMS)
-    assert [e.skill for e in found] == sorted({e.skill for e in found}, key=[e.skill for e in found].index)  # no repeats
+    clauses = np.stack([unit(1, 0.05, 0, 0, 0), unit(0.95, 0.3, 0, 0, 0), unit(0, 0, 1, 0.1, 0)])
+    found = extract(space(), clauses, lengths(20, 20, 20), k=10, params=PARAMS)
+    skills = [e.skill for e in found]
+    assert len(skills) == len(set(skills))
     by_skill = {e.skill: e for e in found}
     assert by_skill[0].clause == 0 and by_skill[1].clause == 1 and by_skill[2].clause == 2
     assert [e.score for e in found] == sorted((e.score for e in found), reverse=True)
-    assert 3 not in by_skill  # "cook" is no clause's match
+    assert 3 not in by_skill  # "cook" is in no clause and not in the text
 
 
 def test_min_score_and_k_bound_the_answer():
-    clauses = np.stack([unit(1, 0.05, 0, 0), unit(0, 0, 1, 0.1)])
-    assert len(extract(space([[]]), clauses, k=1, params=PARAMS)) == 1
-    assert extract(space([[]]), clauses, k=10, params=PARAMS, min_score=0.999) == []
-    assert extract(space([[]]), np.zeros((0, 4), np.float32), k=10, params=PARAMS) == []
+    clauses = np.stack([unit(1, 0.05, 0, 0, 0), unit(0, 0, 1, 0.1, 0)])
+    assert len(extract(space(), clauses, lengths(10, 10), k=1, params=PARAMS)) == 1
+    assert extract(space(), clauses, lengths(10, 10), k=10, params=PARAMS, min_score=0.999) == []
+    assert extract(space(), np.zeros((0, 5), np.float32), lengths(), k=10, params=PARAMS) == []
 
 
-def test_a_clause_keeps_only_skills_close_to_its_best():
-    clause = np.stack([unit(1, 0.02, 0, 0)])
-    tight = ExtractParams(min_score=0.5, per_clause=4, clause_margin=0.01, french_weight=0)
-    loose = ExtractParams(min_score=0.5, per_clause=4, clause_margin=0.2, french_weight=0)
-    assert [e.skill for e in extract(space(), clause, 10, tight)] == [0]
-    assert [e.skill for e in extract(space(), clause, 10, loose)] == [0, 1]
+def test_the_whole_text_is_its_clauses_weighted_by_length():
+    clauses = np.stack([unit(1, 0, 0, 0, 0), unit(0, 0, 1, 0, 0)])
+    assert np.allclose(text_vector(clauses, lengths(30, 10)), unit(3, 0, 1, 0, 0), atol=1e-6)
 
 
-def test_a_french_line_votes_for_its_mapped_skills():
-    clause = np.stack([unit(0, 1, 0, 0)])  # says what the French line says, far from the English label
-    direct = clause_scores(space(), clause, ExtractParams(french_weight=0))
-    voted = clause_scores(space(), clause, PARAMS)
-    assert direct[0, 0] < 0.1 and voted[0, 0] == np.float32(0.95)  # min(clause-line 1.0, line-skill 0.95)
-    assert extract(space(), clause, 10, PARAMS)[0].skill == 0
-    far = ExtractParams(min_score=0.8, french_weight=1.0, french_min=1.01)
-    assert clause_scores(space(), clause, far)[0, 0] == direct[0, 0]  # below french_min: no vote
+def test_the_score_blends_the_best_clause_with_the_whole_text():
+    """A skill stated in one short clause of a text about something else scores below one the text is about."""
+    clauses = np.stack([unit(0, 0, 1, 0, 0), unit(0, 0, 0, 1, 0)])  # "rigour" said briefly, "cook" at length
+    scores, best = skill_scores(space(), clauses, lengths(10, 30), ExtractParams(clause_weight=0.5))
+    whole = unit(0, 0, 1, 3, 0)
+    assert scores[2] == pytest.approx(0.5 + 0.5 * whole[2]) and scores[3] == pytest.approx(0.5 + 0.5 * whole[3])
+    assert scores[3] > scores[2] and best[2] == 0 and best[3] == 1
+    only_clauses, _ = skill_scores(space(), clauses, lengths(10, 30), ExtractParams(clause_weight=1.0))
+    assert only_clauses[2] == pytest.approx(1.0) and only_clauses[3] == pytest.approx(1.0)
+
+
+def test_centring_removes_the_offset_all_french_texts_share():
+    """Raw cosines put every clause near every skill along the shared axis; the centred ones do not."""
+    clause = unit(0, 0, 1, 0, 3)[None, :]  # "rigour", said in French: mostly the French offset
+    offset = np.asarray([0, 0, 0, 0, clause[0, 4]], np.float32)  # what all French texts share
+    assert (clause @ space().vectors.T)[0, 2] < 0.35  # raw: "rigour" barely shows
+    centred = space(mean=offset).centre(clause)
+    assert np.allclose(centred, unit(0, 0, 1, 0, 0)[None, :], atol=1e-6)
+    found = extract(space(mean=offset), clause, lengths(8), k=1, params=PARAMS)
+    assert found[0].skill == 2 and found[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_skill_matrix_gives_the_mean_of_the_centred_description_and_label_cosines():
+    rng = np.random.default_rng(0)
+    descriptions, labels = rng.normal(size=(6, 8)).astype(np.float32), rng.normal(size=(6, 8)).astype(np.float32)
+    matrix = skill_matrix(descriptions, labels)
+    query = unit(*rng.normal(size=8))
+    expected = (centre(descriptions, descriptions.mean(0)) @ query + centre(labels, labels.mean(0)) @ query) / 2
+    assert np.allclose(matrix @ query, expected, atol=1e-6)
 
 
 def test_map_lines_keeps_the_best_above_the_floor_in_order():

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
-from openemploi.skills.split import MAX_CLAUSE_CHARS, split_clauses
+from openemploi.skills.split import GROUP_RATIO, MAX_CLAUSE_CHARS, length_groups, split_clauses
 
 
-def test_a_job_ad_sentence_is_cut_at_its_commas_and_kept_whole():
+def test_a_job_ad_sentence_is_cut_at_its_commas_and_can_be_kept_whole():
     text = "Nous recherchons un cariste titulaire du CACES R489, rigoureux, pour charger et décharger les camions"
     assert split_clauses(text) == [
         "Nous recherchons un cariste titulaire du CACES R489",
         "rigoureux",
         "pour charger et décharger les camions",
-        text,
     ]
-    assert split_clauses(text, with_lines=False) == split_clauses(text)[:3]
+    assert split_clauses(text, with_lines=True) == [*split_clauses(text), text]
+
+
+def test_length_groups_keep_each_batch_within_the_ratio_and_cover_every_text():
+    texts = ["Excel", "permis B", "charger et décharger les camions", "x" * 60, "y" * 130, "CACES R489"]
+    groups = length_groups(texts)
+    assert sorted(i for g in groups for i in g) == list(range(len(texts)))
+    assert groups[:2] == [[0, 1, 5, 2], [3]]  # shortest first, whatever their order in the text
+    for group in groups:
+        sizes = [max(len(texts[i]), 24) for i in group]
+        assert max(sizes) <= GROUP_RATIO * min(sizes)
+    assert length_groups([]) == []
 
 
 def test_bullets_newlines_semicolons_and_sentence_ends_cut():
