@@ -134,7 +134,7 @@ async def start_server(
         """Model versions holding a collection's vectors stay loaded after a swap."""
         if collections is None:
             return set()
-        return {(c.spec.model, c.spec.model_version) for c in map(collections.get, collections.names())}
+        return {(c.spec.model, c.spec.model_version) for c in live_collections(collections)}
 
     registry = ModelRegistry(
         ModelRepository(config.model_repository),
@@ -154,9 +154,9 @@ async def start_server(
             models=lambda: [
                 ((m.name, m.version.version, m.encoder.info.device, m.encoder.info.precision), 1.0) for m in registry.models()
             ],
-            collections=lambda: [((c.spec.name,), c.size()) for c in open_collections(collections)],
+            collections=lambda: [((c.spec.name,), c.size()) for c in live_collections(collections)],
             rebuilds=lambda: [
-                (c.spec.name, c.rebuilds.completed, c.rebuilds.failed, c.rebuilds.running) for c in open_collections(collections)
+                (c.spec.name, c.rebuilds.completed, c.rebuilds.failed, c.rebuilds.running) for c in live_collections(collections)
             ],
         )
     )
@@ -222,8 +222,9 @@ async def start_server(
     )
 
 
-def open_collections(manager: CollectionManager) -> list[Collection]:
-    """The open collections, for a scrape: one dropped meanwhile is skipped, not an error."""
+def live_collections(manager: CollectionManager) -> list[Collection]:
+    """The open collections; one dropped between `names()` and `get()` is skipped, not an error
+    (a scrape, or a model swap computing its pins, runs beside DropCollection)."""
     found = []
     for name in manager.names():
         try:

@@ -38,7 +38,7 @@ from ..api import match as match_api
 from ..api import models as models_api
 from ..api import skills as skills_api
 from ..api.rpc import WorkPool, request_id
-from ..app import ROME_COLLECTION, SERVICE_NAMES, SKILLS_COLLECTION, load_pinned_versions
+from ..app import ROME_COLLECTION, SERVICE_NAMES, SKILLS_COLLECTION, live_collections, load_pinned_versions
 from ..config import ServerConfig
 from ..index.collection import CollectionManager
 from ..logs import configure_logging
@@ -131,7 +131,7 @@ class GatewayReplica:
         self.collections = await asyncio.to_thread(open_collections, config, shards)
         self._pool = WorkPool(config.limits.index_workers, config.limits.max_index_queue)
         registry = cast(ModelRegistry, self.registry)  # the servicers use the part of ModelRegistry it implements
-        collections = cast(CollectionManager, self.collections)
+        collections = self.collections
         self._match = match_api.MatchServicer(collections, registry, None, config.limits, self._pool)
         self._skills = skills_api.SkillsServicer(registry, config.limits, self._pool)
         servicers: dict[str, object] = {
@@ -156,7 +156,7 @@ class GatewayReplica:
         await load_pinned_versions(cast(ModelRegistry, registry), await asyncio.to_thread(pins, collections))
         if config.rome_collection:
             occupations = load_catalogue()
-            manager = cast(CollectionManager, collections)
+            manager = collections
             with registry.hold() as model:
                 rome = await ensure_rome_collection(
                     manager, cast(LoadedModel, model), occupations, name=ROME_COLLECTION, progress=False
@@ -271,7 +271,7 @@ class GatewayReplica:
 
 def pins(collections: Any) -> set[Key]:
     """Model versions holding a collection's vectors: they stay loaded on every replica."""
-    return {(c.spec.model, c.spec.model_version) for c in map(collections.get, collections.names())}
+    return {(c.spec.model, c.spec.model_version) for c in live_collections(collections)}
 
 
 def open_collections(config: ServerConfig, shards: tuple[Any, ...]) -> Any:

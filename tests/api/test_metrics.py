@@ -101,3 +101,27 @@ def test_background_index_rebuilds_are_counted_per_collection(server):
     assert value(samples, "openemploi_index_rebuilds_total", collection="bascule", outcome="failed") == 0
     assert value(samples, "openemploi_index_rebuild_running", collection="bascule") == 0
     assert collection.index.kind != "flat"
+
+
+def test_a_collection_dropped_mid_scrape_is_skipped(tmp_path):
+    """The scrape and the pins list names, then opens each: a drop in between must not fail them."""
+    from openemploi.app import live_collections
+    from openemploi.index.collection import CollectionManager, CollectionSpec
+
+    manager = CollectionManager(tmp_path)
+    try:
+        manager.create(CollectionSpec("reste", "m", "v1", 4))
+        manager.create(CollectionSpec("partie", "m", "v1", 4))
+        names = manager.names()
+        manager.drop("partie")
+
+        class ListedBeforeTheDrop:
+            def names(self) -> list[str]:
+                return names
+
+            def get(self, name: str):
+                return manager.get(name)
+
+        assert [c.spec.name for c in live_collections(ListedBeforeTheDrop())] == ["reste"]
+    finally:
+        manager.close()
