@@ -84,6 +84,7 @@ class Choice:
     io_binding: bool = False  # onnx: inputs through device buffers kept per shape
     length_buckets: tuple[int, ...] = ()  # pad batch widths up to these sizes; () = no bucketing
     cuda_graphs: bool = False  # torch: one CUDA graph per (batch, length) bucket
+    parallel_runs: int = 1  # onnx CPU: a batch is split into this many single-threaded runs at once
 
     def __post_init__(self) -> None:
         if self.backend == BackendKind.AUTO or self.device == Device.AUTO or self.precision == Precision.AUTO:

@@ -19,8 +19,9 @@ TORCH_DTYPES = (Precision.FP16, Precision.BF16)
 class BackendConfig:
     device: Device = Device.AUTO
     cpu_precision: Precision = Precision.AUTO  # auto: int8 when the version has it, else fp32 | int8 | fp32 (strict)
-    intra_op_threads: int = 0  # 0 = runtime default (one per physical core)
+    intra_op_threads: int = 0  # 0 = runtime default (one per physical core); 1 per run with cpu_parallel_runs > 1
     inter_op_threads: int = 1
+    cpu_parallel_runs: int = 0  # 0 = one per usable core; 1 = one run per batch on every intra-op thread
     cpu_spin_wait: bool = False  # let idle onnxruntime threads spin (a little faster alone, starves the event loop)
     cuda_device_id: int = 0
     torch_dtype: Precision = Precision.FP16  # torch backend on CUDA: fp16 | bf16 (CPU always runs fp32)
@@ -36,8 +37,8 @@ class BackendConfig:
             self, "cpu_precision", parse_option(Precision, self.cpu_precision, "backend.cpu_precision", CPU_PRECISIONS)
         )
         object.__setattr__(self, "torch_dtype", parse_option(Precision, self.torch_dtype, "backend.torch_dtype", TORCH_DTYPES))
-        if self.intra_op_threads < 0 or self.inter_op_threads < 0 or self.cuda_device_id < 0:
-            raise ValueError("backend thread counts and cuda_device_id must not be negative")
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0 or self.cpu_parallel_runs < 0 or self.cuda_device_id < 0:
+            raise ValueError("backend thread counts, cpu_parallel_runs and cuda_device_id must not be negative")
         # ... and tuples as strings ("16,32,64" from the environment): make them ints.
         try:
             buckets = tuple(sorted({int(size) for size in self.length_buckets}))

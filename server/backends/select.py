@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ class Capabilities:
     torch_available: bool
     checkpoint: Path | None  # a checkpoint folder transformers can load; None when the version has none
     max_tokens: int  # the model's limit, the last length bucket
+    cpu_cores: int = 1  # cores this process may run on (its affinity), for CPU parallel runs
 
     @classmethod
     def probe(cls, version: BuiltModel, config: BackendConfig) -> Capabilities:
@@ -78,6 +80,7 @@ class Capabilities:
             torch_available=torch_available,
             checkpoint=version.checkpoint_path if has_checkpoint else None,
             max_tokens=version.max_tokens,
+            cpu_cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
         )
 
 
@@ -215,6 +218,7 @@ def _onnx_cpu(reason: str, config: BackendConfig, caps: Capabilities) -> Choice:
         notes,
         providers=(ExecutionProvider.CPU,),
         length_buckets=_length_buckets(Device.CPU, config, caps),
+        parallel_runs=config.cpu_parallel_runs or caps.cpu_cores,
     )
 
 

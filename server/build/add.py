@@ -34,6 +34,8 @@ allow_pickle = {allow_pickle}
 [build]
 precisions = ["int8", "fp16"]
 int8_mode = "static"
+# auto: a packed graph (linear layers on real tokens only) for BERT, RoBERTa and XLM-R, else padded
+graph_layout = "auto"
 """
 
 

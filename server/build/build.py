@@ -128,6 +128,7 @@ def build_model(repo: ModelRepository, name: str, options: BuildOptions = BuildO
             "max_tokens": spec.max_tokens,
             "prefixes": [spec.query_prefix, spec.passage_prefix],
             "int8": spec.int8_mode,
+            "layout": spec.graph_layout,
         },
         sort_keys=True,
     )
@@ -189,7 +190,8 @@ def _build_into(
         stages.done()
 
         stages.start("export onnx")
-        graphs = {Precision.FP32: export.export_onnx(model, out / "onnx" / f"model.{Precision.FP32}.onnx", vocab_size)}
+        exported, layout = export.layout_module(model, spec.graph_layout)
+        graphs = {Precision.FP32: export.export_onnx(exported, out / "onnx" / f"model.{Precision.FP32}.onnx", vocab_size)}
         stages.done()
         tokenizer = TextTokenizer(
             checkpoint / "tokenizer.json", TokenizerConfig(spec.max_tokens, spec.query_prefix, spec.passage_prefix)
@@ -228,6 +230,7 @@ def _build_into(
         "max_tokens": spec.max_tokens,
         "pooling": spec.pooling,
         "int8_mode": spec.int8_mode,
+        "graph_layout": layout,
         "normalize": spec.normalize,
         "prefixes": {"query": spec.query_prefix, "passage": spec.passage_prefix},
         "files": {

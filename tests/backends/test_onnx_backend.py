@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from openemploi.backends.base import BackendKind, ExecutionProvider, Precision
-from openemploi.backends.onnx import OnnxEncoder
+from openemploi.backends.onnx import OnnxEncoder, split_rows
 from openemploi.backends.options import BackendConfig
 from openemploi.backends.select import Capabilities, open_encoder
 from openemploi.padding import pad_sequences
@@ -89,8 +90,26 @@ def test_auto_precision_falls_back_to_fp32_when_no_int8_graph_was_built(default_
 
 
 def test_cpu_length_buckets_are_told_after_the_reason(default_version):
-    encoder = open_onnx(default_version, BackendConfig(device="cpu", cpu_length_buckets=True))
+    encoder = open_onnx(default_version, BackendConfig(device="cpu", cpu_length_buckets=True, cpu_parallel_runs=1))
     assert encoder.info.detail == "backend = onnx, device=cpu asked; length buckets [16, 32, 64, 128, 256, 512]"
+
+
+def test_cpu_parallel_runs_are_told_with_their_threads(default_version):
+    encoder = open_onnx(default_version, BackendConfig(device="cpu", cpu_parallel_runs=3))
+    assert encoder.info.detail.endswith("; 3 parallel runs of 1 thread(s)")
+    encoder.close()
+
+
+def test_split_rows_groups_by_length_with_balanced_tokens():
+    lengths = np.array([5, 40, 7, 12, 40, 3, 9, 30])
+    groups = split_rows(lengths, 3)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))  # every row exactly once
+    assert len(groups) == 3
+    for shorter, longer in itertools.pairwise(groups):
+        assert lengths[shorter].max() <= lengths[longer].min()  # by length: each group pads little
+    assert max(lengths[g].sum() for g in groups) <= 2 * lengths.sum() / 3  # no group holds most of the work
+    assert len(split_rows(np.array([8, 8]), 4)) == 2  # never an empty group
+    assert [g.tolist() for g in split_rows(np.array([4, 2, 9]), 1)] == [[1, 0, 2]]
 
 
 def test_unknown_device_is_rejected():
@@ -125,6 +144,23 @@ def test_vector_does_not_depend_on_batch_neighbours_or_padding(encoder, tokenize
     # and in another position with other neighbours
     reordered, _ = encoder.encode(*batch(tokenizer, [TEXTS[2], TEXTS[3], SHORT]))
     assert cosine(alone[0], reordered[2]) >= 0.9999
+
+
+@pytest.mark.parametrize("runs", [2, 3])
+def test_parallel_runs_return_the_rows_of_one_run_in_order(default_version, tokenizer, runs):
+    """A batch split across runs answers every row in its place, with the vector of a single run."""
+    single = open_onnx(default_version, BackendConfig(cpu_parallel_runs=1))
+    split = open_onnx(default_version, BackendConfig(cpu_parallel_runs=runs))
+    ids, mask = batch(tokenizer, TEXTS + [text.upper() for text in TEXTS])
+    try:
+        want_embedding, want_pooled = single.encode(ids, mask)
+        embedding, pooled = split.encode(ids, mask)
+    finally:
+        single.close()
+        split.close()
+    assert embedding.shape == want_embedding.shape and pooled.shape == want_pooled.shape
+    assert np.all(cosine(embedding, want_embedding) >= 0.9999)
+    np.testing.assert_allclose(pooled, want_pooled, rtol=1e-3, atol=1e-3)
 
 
 def test_pooled_is_unnormalised_mean_and_normalising_gives_the_embedding(encoder, tokenizer):

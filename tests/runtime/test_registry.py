@@ -11,7 +11,7 @@ import pytest
 
 from openemploi.backends.base import BackendKind, EncoderInfo
 from openemploi.batching import BatcherConfig, DeadlineExceededError, DynamicBatcher
-from openemploi.runtime.registry import LoadedModel, NonFiniteEmbeddingError
+from openemploi.runtime.registry import INLINE_TOKENIZE_CHARS, LoadedModel, NonFiniteEmbeddingError
 from openemploi.tokenize import TextKind, TextTokenizer, TokenizerConfig
 
 GATE_TIMEOUT_S = 20.0  # only reached when the loop is blocked, i.e. when the test fails
@@ -103,6 +103,10 @@ def test_a_non_finite_row_fails_its_request_only_and_is_reported(default_version
     assert reported == [1]
 
 
+AD = "Cariste en entrepôt frigorifique, CACES R489 catégories 1, 3 et 5, travail en équipes 2x8. " * 4
+assert len(AD) > INLINE_TOKENIZE_CHARS
+
+
 def test_tokenising_runs_in_a_worker_thread_while_the_loop_stays_free(default_version):
     model, gate = make_model(default_version)
 
@@ -110,10 +114,11 @@ def test_tokenising_runs_in_a_worker_thread_while_the_loop_stays_free(default_ve
         await started(model)
         loop_thread = threading.current_thread()
         try:
-            embedding = asyncio.ensure_future(model.embed(["Boulanger / Boulangère"], TextKind.PASSAGE))
+            embedding = asyncio.ensure_future(model.embed([AD], TextKind.PASSAGE))
             await asyncio.to_thread(gate.entered.wait, GATE_TIMEOUT_S)
             gate.release.set()  # reached only if the loop ran while the tokenizer was blocked
-            result = await embedding
+            # The fake encoder overflows past 16 tokens: the answer is its refusal, but it came.
+            result = (await asyncio.gather(embedding, return_exceptions=True))[0]
             return loop_thread, result
         finally:
             await model.batcher.stop()
@@ -121,6 +126,23 @@ def test_tokenising_runs_in_a_worker_thread_while_the_loop_stays_free(default_ve
     loop_thread, result = run(scenario())
     assert not gate.timed_out, "the event loop was blocked while the tokenizer ran"
     assert gate.threads and all(t is not loop_thread for t in gate.threads)
+    assert isinstance(result, NonFiniteEmbeddingError) and result.indices == [0]
+
+
+def test_a_short_request_is_tokenised_on_the_loop_without_a_thread_hand_off(default_version):
+    """A label or a query costs tens of microseconds to tokenise: less than a hop to a worker thread."""
+    model, gate = make_model(default_version)
+    gate.release.set()
+
+    async def scenario():
+        await started(model)
+        try:
+            return threading.current_thread(), await model.embed(["Boulanger / Boulangère"], TextKind.PASSAGE)
+        finally:
+            await model.batcher.stop()
+
+    loop_thread, result = run(scenario())
+    assert gate.threads == [loop_thread]
     assert result.normalized.shape == (1, default_version.dim)
 
 

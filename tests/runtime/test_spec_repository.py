@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from openemploi.runtime.repository import MANIFEST, ModelNotBuilt, ModelNotFound, ModelRepository, ModelVersion
-from openemploi.runtime.spec import GateSpec, SpecError, load_spec
+from openemploi.runtime.spec import GateSpec, GraphLayout, SpecError, load_spec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,6 +45,7 @@ def test_minimal_valid_spec_loads_with_defaults(tmp_path):
     assert spec.source.allow_pickle is False
     assert (spec.pooling, spec.normalize, spec.int8_mode, spec.backend) == ("mean", True, "static", "onnx")
     assert spec.precisions == ("int8",)
+    assert spec.graph_layout is GraphLayout.AUTO
     assert spec.gates == GateSpec()
     assert (spec.query_prefix, spec.passage_prefix) == ("", "")
     assert spec.folder == folder
@@ -58,7 +59,7 @@ def test_full_spec_values(tmp_path):
             extra_top='pooling = "cls"\nnormalize = false\ndescription = "d"\n',
             extra_tables=(
                 '[prefixes]\nquery = "q: "\npassage = "p: "\n'
-                '[build]\nprecisions = ["fp32", "int8", "fp16"]\nint8_mode = "dynamic"\n'
+                '[build]\nprecisions = ["fp32", "int8", "fp16"]\nint8_mode = "dynamic"\ngraph_layout = "padded"\n'
                 "[gates]\nint8_cosine_min = 0.98\n"
             ),
         ),
@@ -67,7 +68,7 @@ def test_full_spec_values(tmp_path):
     assert (spec.pooling, spec.normalize, spec.description) == ("cls", False, "d")
     assert spec.prefix("query") == "q: " and spec.prefix("passage") == "p: "
     assert spec.precisions == ("fp32", "int8", "fp16")
-    assert spec.int8_mode == "dynamic"
+    assert spec.int8_mode == "dynamic" and spec.graph_layout is GraphLayout.PADDED
     assert spec.gates.int8_cosine_min == 0.98
     assert spec.gates.reference_cosine_min == GateSpec().reference_cosine_min
 
@@ -109,10 +110,11 @@ def test_missing_required_key(tmp_path, text, key):
         (model_toml(extra_top='pooling = "max"\n'), "pooling"),
         (model_toml(extra_tables='[build]\nprecisions = ["int8", "int4"]\n'), "precision 'int4'"),
         (model_toml(extra_tables='[build]\nint8_mode = "fast"\n'), "int8_mode"),
+        (model_toml(extra_tables='[build]\ngraph_layout = "ragged"\n'), "build.graph_layout must be auto, packed or padded"),
         (model_toml().replace("dim = 8", "dim = 0"), "dim"),
         (model_toml(extra_top='backend = "tensorrt"\n'), "backend must be one of"),
     ],
-    ids=["pooling", "precision", "int8_mode", "dim", "backend"],
+    ids=["pooling", "precision", "int8_mode", "graph_layout", "dim", "backend"],
 )
 def test_bad_values_raise_spec_error_naming_the_key(tmp_path, text, key):
     folder = write_model(tmp_path, "tiny", text)
