@@ -12,7 +12,11 @@ hit@10 and recall@10. Each split (tuning, heldout) is reported on its own. Syste
   threshold, best skill per fragment), ranked by score;
 - (c) e5 cosine between occupation labels; (d) same ROME family first, then (c).
 
-    .venv/bin/python -P benchmarks/eval_skills.py [--address HOST:PORT | --no-service] [--no-anchor] [--latency N] [--out PATH]
+    .venv/bin/python -P benchmarks/eval_skills.py [--address HOST:PORT | --no-service] [--no-anchor] [--latency N]
+        [--model-repository DIR] [--out PATH]
+
+--model-repository: where e5 is read from (its latest version there), for baseline (a) and the started
+server alike; a folder holding one version pins it while a newer one is being built in models/.
 
 --latency N also times N ExtractSkills calls (after 5 warm-ups, one at a time) on a 1,998-character
 French job ad (benchmarks/data/skills_latency_ad.txt; the issue's target: p50 <= 150 ms on 2 cores).
@@ -193,14 +197,14 @@ def cached(name: str, texts: Sequence[str], encode: Callable[[list[str]], np.nda
 class E5Encoder:
     """The served model, in process, through the project's runtime (int8 graph on the CPU)."""
 
-    def __init__(self) -> None:
+    def __init__(self, repository: Path) -> None:
         from openemploi.backends.options import BackendConfig
         from openemploi.batching import BatcherConfig
         from openemploi.runtime.registry import ModelRegistry
         from openemploi.runtime.repository import ModelRepository
 
         self.loop = asyncio.new_event_loop()
-        repo = ModelRepository(REPO / "models")
+        repo = ModelRepository(repository)
         self.version = repo.latest(E5).version
         self.registry = ModelRegistry(repo, BatcherConfig(), BackendConfig(device="cpu", cpu_precision="int8"), E5)
         self.model = self.loop.run_until_complete(self.registry.load(E5))
@@ -265,10 +269,10 @@ def top_k(query_vectors: np.ndarray, item_vectors: np.ndarray, ids: Sequence[str
 
 
 def e5_systems(
-    skills_dev: list[dict], transitions_dev: list[dict], uris: list[str], descriptions: list[str]
+    skills_dev: list[dict], transitions_dev: list[dict], uris: list[str], descriptions: list[str], repository: Path
 ) -> tuple[dict, dict]:
     """Baselines (a), (c) and (d): rankings by id, {system: {case id: [ids]}}."""
-    encoder = E5Encoder()
+    encoder = E5Encoder(repository)
     try:
         skill_vectors = cached(
             f"e5-{encoder.version}-skills", descriptions, lambda t: encoder.encode(t, passage=True, progress="e5: skills")
@@ -433,6 +437,7 @@ def main() -> int:
     parser.add_argument(
         "--latency", type=int, default=0, metavar="N", help="also time N ExtractSkills calls on a 2,000-character ad"
     )
+    parser.add_argument("--model-repository", type=Path, default=REPO / "models", metavar="DIR")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     skills_dev, transitions_dev = load_jsonl(SKILLS_DEV), load_jsonl(TRANSITIONS_DEV)
@@ -440,12 +445,14 @@ def main() -> int:
     duplicates = near_duplicates(
         [d["text"] for d in skills_dev if d["split"] == "tuning"], [d["text"] for d in skills_dev if d["split"] == "heldout"]
     )
-    skills, transitions = e5_systems(skills_dev, transitions_dev, uris, descriptions)
+    skills, transitions = e5_systems(skills_dev, transitions_dev, uris, descriptions, args.model_repository.resolve())
     if not args.no_anchor:
         skills["anchor (MiniLM)"] = anchor_system(skills_dev, uris, descriptions)
     timing: dict[str, float] = {}
     if not args.no_service:
-        server = None if args.address else start_server(dict(kv.split("=", 1) for kv in args.server_env))
+        env = {"OPENEMPLOI_MODEL_REPOSITORY": str(args.model_repository.resolve())}
+        env.update(kv.split("=", 1) for kv in args.server_env)
+        server = None if args.address else start_server(env)
         try:
             own_skills, own_moves = service_system(args.address or server.address, skills_dev, transitions_dev)
             timing = latency(args.address or server.address, args.latency) if args.latency > 0 else {}

@@ -43,8 +43,11 @@ LINE_ID = "rome-line:"
 MAP_KEY = "skills_map"
 
 
-def data_version(params: ProfileParams) -> str:
-    key = f"{skills_version()}:{catalogue_version()}:{INDEX_RECIPE}:{json.dumps(asdict(params))}"
+def data_version(params: ProfileParams, skills: Sequence[Skill]) -> str:
+    """The re-index key. The preferred labels are embedded but derived by code (esco.preferred_label),
+    so their digest is part of it: a better label heuristic re-indexes as a new data file does."""
+    labels = hashlib.sha256("\n".join(s.label for s in skills).encode()).hexdigest()[:16]
+    key = f"{skills_version()}:{catalogue_version()}:{INDEX_RECIPE}:{labels}:{json.dumps(asdict(params))}"
     digest = hashlib.sha256(key.encode())
     return digest.hexdigest()[:16]
 
@@ -132,7 +135,7 @@ async def ensure_skills_collection(
     params = profile_params or ProfileParams()
     skills = await asyncio.to_thread(load_skills)
     lines = catalogue_lines(occupations)
-    version = data_version(params)
+    version = data_version(params, skills)
     collection: CollectionLike | None = None
     try:
         existing = manager.get(name)

@@ -28,16 +28,25 @@ def test_catalogue_lines_are_the_distinct_task_and_skill_lines():
     assert len(catalogue_lines(load_catalogue())) > 9_000
 
 
+SKILLS = [Skill("http://data.europa.eu/esco/skill/1", "drive forklifts", "drive forklifts", "Operate a forklift.")]
+
+
 def test_the_data_version_follows_the_profile_thresholds():
-    assert data_version(ProfileParams()) == data_version(ProfileParams())
-    assert data_version(ProfileParams(min_score=0.9)) != data_version(ProfileParams())
+    assert data_version(ProfileParams(), SKILLS) == data_version(ProfileParams(), SKILLS)
+    assert data_version(ProfileParams(min_score=0.9), SKILLS) != data_version(ProfileParams(), SKILLS)
 
 
 def test_the_data_version_follows_the_indexing_recipe(monkeypatch: pytest.MonkeyPatch):
     """A change of what is embedded per skill re-indexes production and the test catalogues."""
-    before = data_version(ProfileParams())
+    before = data_version(ProfileParams(), SKILLS)
     monkeypatch.setattr(bootstrap, "INDEX_RECIPE", bootstrap.INDEX_RECIPE + ";other")
-    assert data_version(ProfileParams()) != before
+    assert data_version(ProfileParams(), SKILLS) != before
+
+
+def test_the_data_version_follows_the_derived_labels():
+    """The labels are embedded: a change of the label heuristic, with the same data file, re-indexes."""
+    relabelled = [Skill(SKILLS[0].uri, "drive", SKILLS[0].labels, SKILLS[0].definition)]
+    assert data_version(ProfileParams(), relabelled) != data_version(ProfileParams(), SKILLS)
 
 
 def test_lines_map_to_their_skills_and_near_duplicates_pair_up():

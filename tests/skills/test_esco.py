@@ -16,6 +16,7 @@ from openemploi.skills.esco import (
     LabelStats,
     load_skills,
     preferred_label,
+    proper_nouns,
     read_rows,
     split_description,
 )
@@ -114,6 +115,49 @@ def test_the_definition_starts_at_the_first_capitalised_word():
     labels, definition = split_description("manage musical staff direct musical staff Assign and manage staff tasks.")
     assert (labels, definition) == ("manage musical staff direct musical staff", "Assign and manage staff tasks.")
     assert split_description("use Java Java programming The language.")[1].startswith("Java")
+
+
+def test_a_name_inside_the_labels_does_not_start_the_definition():
+    run = "interact verbally in English speak English Communicate orally in English."
+    assert split_description(run, frozenset({"English"})) == (
+        "interact verbally in English speak English",
+        "Communicate orally in English.",
+    )
+    # a definition that opens with a name has no other start: it still starts there
+    run = "pharmaceutical legislation European and national legal framework for medicinal products."
+    assert split_description(run, frozenset({"European"}))[1].startswith("European and national")
+
+
+def test_names_are_told_from_definition_verbs_on_real_rows():
+    names = proper_nouns(description for _, description in read_rows())
+    assert {"English", "French", "Java"} <= names
+    assert not {"Perform", "Compose", "Scoop", "The"} & names
+
+
+def test_language_and_software_skills_keep_their_whole_label(skills):
+    """Cut at the name, these read "interact" and "write": a user saw one word for a language skill."""
+    expected = {
+        "0ee9e985-0ee5-4a73-8a12-78b53b261bb2": ("interact verbally in English", "Communicate orally in English."),
+        "e35cfb6e-ea8e-4aef-aab9-3cbc7d79647b": ("write Dutch", "Compose written texts in Dutch."),
+        "2ce713f2-c684-4fa3-8e56-939e4bfbf4a2": ("understand spoken French", "Comprehend orally expressed French."),
+    }
+    for uri, (label, definition) in expected.items():
+        skill = skills[SKILL_URI_PREFIX + uri]
+        assert (skill.label, skill.definition) == (label, definition)
+    assert skills[SKILL_URI_PREFIX + "1ffac4ac-fda7-407d-8ed1-ca8f4a8dc146"].definition.startswith("The techniques")
+
+
+def test_a_verb_that_opens_many_labels_keeps_its_object(skills):
+    """Cut after their verb, these read "use", "repair", "implement": no skill at all to a user."""
+    whole = {
+        "2c4e11ef-da18-4e19-816b-e6bc19e12424": "use logic programming",
+        "4f9e3dd2-fd39-4ea4-aeb0-285119650473": "repair prosthetic-orthotic devices",
+        "f2c63b7a-ed6c-4890-9f8c-7685d172624c": "implement corporate governance",
+        "2164e860-7f20-48bc-b98c-5d9f8a561550": "design computer network",
+    }
+    assert {uri: skills[SKILL_URI_PREFIX + uri].label for uri in whole} == whole
+    # a variant of the verb still ends the first label
+    assert skills[SKILL_URI_PREFIX + "0b8a3319-54be-4b35-8425-c31d1f42f186"].label == "write Sanskrit"
 
 
 def test_preferred_labels_of_real_rows(skills):
