@@ -7,7 +7,8 @@ length buckets and the CPU parallel runs. On the CPU, a batch is split into
 ``parallel_runs`` groups of similar length, each run at once on its own
 single-threaded call: at serving batch sizes a 2-thread run spends much of its
 time synchronising its threads op by op, while two 1-thread runs share nothing
-(benchmarks/README.md, "CPU parallel runs": 1.2-1.3x the texts/s). On CUDA, batches are padded to a few length buckets (shapes
+(benchmarks/README.md, "Packed graphs and CPU parallel runs": 1.3-1.6x the
+texts/s on two cores). On CUDA, batches are padded to a few length buckets (shapes
 repeat, so the provider's per-shape plans are reused) and run through IO binding
 with device buffers reused per shape.
 """
