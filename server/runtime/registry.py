@@ -15,6 +15,7 @@ import traceback
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -27,6 +28,8 @@ from ..tracing import DISABLED, Tracing
 from .repository import ModelNotFound, ModelRepository, ModelVersion
 
 log = logging.getLogger(__name__)
+
+Held = TypeVar("Held")
 
 INLINE_TOKENIZE_CHARS = 256
 """Requests up to this many characters (a query, a label, a keyword list) are tokenised on the
@@ -149,25 +152,25 @@ class ModelInUse(RuntimeError):
     """Unloading this model would break the default model or a collection."""
 
 
-class ModelHold:
+class ModelHold(Generic[Held]):
     """Keeps one loaded version from being unloaded while work that will bind a collection to it runs.
 
     Taken in the same step as the lookup (no await between), so a swap either happens before and
     the hold gets the new version, or after and retirement sees the hold: it keeps the version.
+    The registry counted the hold when it made it; `release` hands it back once, however often called.
     """
 
-    def __init__(self, registry: ModelRegistry, model: LoadedModel) -> None:
+    def __init__(self, model: Held, release: Callable[[Held], None]) -> None:
         self.model = model
-        self._registry = registry
+        self._release = release
         self._released = False
-        model.holders += 1
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._registry._release(self.model)
+            self._release(self.model)
 
-    def __enter__(self) -> LoadedModel:
+    def __enter__(self) -> Held:
         return self.model
 
     def __exit__(self, *_: object) -> None:
@@ -249,9 +252,11 @@ class ModelRegistry:
             )
             return model
 
-    def hold(self, name: str = "", version: str = "") -> ModelHold:
+    def hold(self, name: str = "", version: str = "") -> ModelHold[LoadedModel]:
         """`get`, and keep that version loaded until the hold is released (a context manager)."""
-        return ModelHold(self, self.get(name, version))
+        model = self.get(name, version)
+        model.holders += 1
+        return ModelHold(model, self._release)
 
     def _release(self, model: LoadedModel) -> None:
         model.holders -= 1

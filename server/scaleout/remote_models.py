@@ -27,7 +27,7 @@ import numpy as np
 
 from ..api.errors import RequestError, Resource, details_for, status_for
 from ..backends.base import EncoderInfo
-from ..runtime.registry import EmbedResult, ModelInUse
+from ..runtime.registry import EmbedResult, ModelHold, ModelInUse
 from ..runtime.repository import ModelNotBuilt, ModelNotFound, ModelRepository, ModelVersion
 from ..tokenize import TextKind, TokenizedText
 
@@ -216,27 +216,6 @@ class RemoteModel:
         return wire.result()
 
 
-class RemoteHold:
-    """`ModelHold` for a remote version: while held, every replica keeps it loaded (it is in the plan's pins)."""
-
-    def __init__(self, registry: RemoteRegistry, model: RemoteModel) -> None:
-        self.model = model
-        self._registry = registry
-        self._released = False
-        registry.held[(model.name, model.version.version)] += 1
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._registry.release(self.model)
-
-    def __enter__(self) -> RemoteModel:
-        return self.model
-
-    def __exit__(self, *_: object) -> None:
-        self.release()
-
-
 @dataclass
 class RemoteRegistry:
     """The parts of `ModelRegistry` the servicers and the catalogue bootstrap use, over the Embedder deployment.
@@ -327,8 +306,11 @@ class RemoteRegistry:
     def loaded(self) -> list[str]:
         return sorted(f"{n}/{v}" for n, v in self._models)
 
-    def hold(self, name: str = "", version: str = "") -> RemoteHold:
-        return RemoteHold(self, self.get(name, version))
+    def hold(self, name: str = "", version: str = "") -> ModelHold[RemoteModel]:
+        """While held, every replica keeps the version loaded (it is in the plan's pins)."""
+        model = self.get(name, version)
+        self.held[(model.name, model.version.version)] += 1
+        return ModelHold(model, self.release)
 
     def release(self, model: RemoteModel) -> None:
         key = (model.name, model.version.version)
