@@ -82,7 +82,7 @@ class LoadedModel:
         return self.version.dim
 
     async def embed(self, texts: list[str], kind: TextKind, truncate: bool = True, deadline: float | None = None) -> EmbedResult:
-        """Tokenise in a worker thread (the loop keeps answering), queue on the batcher, refuse non-finite rows."""
+        """Tokenise (a long request in a worker thread, so the loop keeps answering), queue on the batcher, refuse non-finite rows."""
         self.users += 1
         try:
             started = time.perf_counter()
