@@ -1,7 +1,7 @@
 """`openemploi models finetune BASE --name NEW`: contrastive fine-tuning on the ROME catalogue.
 
-Multiple-negatives ranking loss: each anchor (a title, task, skill or paraphrase, embedded as a
-query) must pick its occupation's label (embedded as a passage) among the other labels of the
+Multiple-negatives ranking loss: each anchor (a title, task, skill, templated sentence or paraphrase,
+embedded as a query) must pick its occupation's label (embedded as a passage) among the other labels of the
 batch and its hard negatives, the labels of the codes the base model puts nearest to it. The
 250k-token embedding matrix stays frozen (most of the weights, and tokens the job vocabulary
 never sees), sequences are short, so a few epochs run on two CPU cores in minutes.

@@ -102,7 +102,9 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 
 
 def _elide(text: str) -> str:
-    """French elision the templates need: "de agir" -> "d'agir", "que il" -> "qu'il"."""
+    """French elision the templates need: "de agir" -> "d'agir", "que il" -> "qu'il", "le hôtel" -> "l'hôtel".
+    An aspirated h ("le hangar") is elided too: telling it apart needs a word list, and the
+    training texts only need to read as French to the model, not to a proof-reader."""
     return re.sub(r"\b(de|que|le|la) (?=[aeiouyhàâéèêëîïôûAEIOUYHÉ])", lambda m: m.group(1)[:-1] + "'", text)
 
 
@@ -110,9 +112,9 @@ def template_pairs(occupations: Iterable[Occupation], rng: random.Random, per_st
     """`per_style` templated anchors per occupation and style, drawn with `rng` (seeded: same data)."""
     pairs: list[Pair] = []
     for occupation in occupations:
-        titles = [*occupation.masculine[:1], *occupation.titles] or [occupation.label]
         if not occupation.tasks or not occupation.skills:
             continue
+        titles = [*occupation.masculine[:1], *occupation.titles] or [occupation.label]
         for style, templates in TEMPLATES.items():
             for template in rng.sample(templates, min(per_style, len(templates))):
                 if "{abbreviation}" in template and not occupation.abbreviations:
