@@ -13,6 +13,10 @@ is what a caller saves by switching. Cases:
   and no padding at all (the server sorts queued texts by length, so real batches pad little).
 * fusion ``fuse_topk``: 300 dense + 300 lexical candidates (ids drawn from 1M sequence numbers,
   ~half of the lexical ids also in the dense list), k = 10, rrf and weighted; many calls.
+* topk ``topk_rows``: the scores of a batch-64 search over 20,000 rows, and of one query over
+  100,000, k = 10. Its numpy side is not the reference (a full sort, the specification) but the
+  fastest numpy way, which server/index/flat.py used before the kernel: ``argpartition`` at the
+  (k+1)-th, a tie check, then ``lexsort`` of the k (``topk_argpartition`` below, checked equal).
 
 Timing: for each case, ``--rounds`` rounds; in each round the two implementations run a batch of
 calls each, alternating which goes first (the machine may be shared: interleaving exposes both to
@@ -55,6 +59,8 @@ from openemploi.kernels import (
     fusion_candidates,
     mean_pool_normalize_numba,
     mean_pool_normalize_reference,
+    topk_rows_numba,
+    topk_rows_reference,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,6 +122,30 @@ def fusion_data(rng: np.random.Generator, mode: str):
     union_dense = rng.uniform(0.2, 0.9, union.size).astype(np.float32) if mode == "weighted" else None
     args = (dense_ids, dense_scores, lexical_ids, lexical_scores, 10, mode, 0.7, union_dense)
     return args, {"dense": a, "lexical": b, "candidates": int(union.size), "k": 10, "mode": mode}
+
+
+def topk_argpartition(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """numpy's fastest exact top-k with the kernel's tie rule (the numpy side of the topk cases)."""
+    n = scores.shape[1]
+    order = np.argpartition(scores, n - k - 1, axis=1)
+    top = order[:, n - k :]
+    cut = np.take_along_axis(scores, top, 1).min(axis=1)
+    next_best = np.take_along_axis(scores, order[:, n - k - 1 : n - k], 1)[:, 0]
+    for q in np.flatnonzero(next_best >= cut):  # a tie straddles the cut: keep the smaller rows
+        above = np.flatnonzero(scores[q] > cut[q])
+        tied = np.flatnonzero(scores[q] == cut[q])
+        top[q] = np.concatenate([above, tied[np.argsort(rows[tied], kind="stable")][: k - len(above)]])
+    picked, chosen = np.take_along_axis(scores, top, 1), rows[top]
+    sort = np.lexsort((chosen, -picked), axis=1)
+    return np.take_along_axis(picked, sort, 1), np.take_along_axis(chosen, sort, 1)
+
+
+def topk_data(rng: np.random.Generator, queries: int, n: int):
+    scores = rng.uniform(0.2, 0.9, (queries, n)).astype(np.float32)
+    rows = np.arange(n, dtype=np.int64)
+    for got, want in zip(topk_argpartition(scores, rows, 10), topk_rows_reference(scores, rows, 10)):
+        np.testing.assert_array_equal(got, want)
+    return (scores, rows, 10), {"queries": queries, "n": n, "k": 10}
 
 
 # -- timing ------------------------------------------------------------------------------------------
@@ -226,6 +256,11 @@ def measure(rounds: int = 7, budget: float = 0.08, parallel: bool = True) -> dic
                 check_fusion,
             )
         )
+
+    for queries, n in ((64, 20_000), (1, 100_000)):
+        data, info = topk_data(rng, queries, n)
+        impls = {"numpy": topk_argpartition, "numba": topk_rows_numba}
+        cases.append(("topk", f"topk {queries}x{n:,} k=10", impls, data, info, check_fusion))
 
     rows = []
     for kernel, name, impls, data, info, check in cases:

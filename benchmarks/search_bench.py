@@ -83,8 +83,8 @@ Findings this benchmark exposes (faiss-cpu 1.15.1 wheel, 2 shared cores):
     faiss's Flat kernel is 3-8x SLOWER than numpy brute force at batch 64 here,
     ~2x slower at batch 1.  So VectorIndex no longer runs it: a Flat index is
     searched by server/index/flat.py (one BLAS product, or faiss's one-thread
-    SIMD loop for a single query, then argpartition), read in place from the
-    faiss index.  Row "flat_faiss" still times faiss's kernel on the same index
+    SIMD loop for a single query under 64k rows, then the top-k kernel of
+    kernels/topk.py), read in place from the faiss index.  Row "flat_faiss" still times faiss's kernel on the same index
     (before/after in one run); the target's "exact QPS" is Flat through
     VectorIndex, and "flat / numpy" lines check Flat >= 1.0x numpy.
 

@@ -1,4 +1,4 @@
-"""numba kernels (pooling, score fusion + top-k), each with a numpy reference.
+"""numba kernels (pooling, score fusion + top-k, exact-search top-k), each with a numpy reference.
 
 Every kernel comes in four functions of the same signature:
 
@@ -30,6 +30,7 @@ from .pooling import (
     mean_pool_normalize_numba,
     mean_pool_normalize_reference,
 )
+from .topk import topk_rows, topk_rows_cuda, topk_rows_numba, topk_rows_reference
 
 __all__ = [
     "BACKENDS",
@@ -46,4 +47,8 @@ __all__ = [
     "mean_pool_normalize_cuda",
     "mean_pool_normalize_numba",
     "mean_pool_normalize_reference",
+    "topk_rows",
+    "topk_rows_cuda",
+    "topk_rows_numba",
+    "topk_rows_reference",
 ]

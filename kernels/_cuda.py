@@ -1,6 +1,6 @@
 """The numba CUDA kernels, in a module of their own: ``numba.cuda`` is imported only when a CUDA
 path runs, and module-level kernels are what the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) can
-patch. Launch wrappers, validation and the specification live in pooling.py and fusion.py.
+patch. Launch wrappers, validation and the specification live in pooling.py, fusion.py and topk.py.
 """
 
 from __future__ import annotations
@@ -139,3 +139,37 @@ def fusion_select(dense_ids, lexical_ids, is_first, dr, lr, score, k, out_ids, o
         out_scores[rank] = s
         out_dr[rank] = dr[pos]
         out_lr[rank] = lr[pos]
+
+
+# -- top-k: one thread per query row -------------------------------------------------------------------
+TOPK_THREADS = 64
+
+
+@cuda.jit
+def topk_kernel(scores, rows, best_scores, best_rows):  # pragma: no cover - compiled
+    # the CPU kernel's insertion into a sorted list of k, kept in the output row (global memory)
+    q = cuda.grid(1)
+    queries, n = scores.shape
+    if q >= queries:
+        return
+    k = best_scores.shape[1]
+    rq = q if rows.shape[0] == queries else 0
+    count = 0
+    for j in range(n):
+        score = scores[q, j]
+        row = rows[rq, j]
+        if count == k:
+            if not score >= best_scores[q, k - 1]:
+                continue
+            if score == best_scores[q, k - 1] and row > best_rows[q, k - 1]:
+                continue
+            pos = k - 1
+        else:
+            pos = count
+            count += 1
+        while pos > 0 and (best_scores[q, pos - 1] < score or (best_scores[q, pos - 1] == score and best_rows[q, pos - 1] > row)):
+            best_scores[q, pos] = best_scores[q, pos - 1]
+            best_rows[q, pos] = best_rows[q, pos - 1]
+            pos -= 1
+        best_scores[q, pos] = score
+        best_rows[q, pos] = row

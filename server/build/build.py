@@ -7,10 +7,12 @@ gate passed, so a half-built or unfaithful model can never be served.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import json
 import logging
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,10 +151,25 @@ def build_model(repo: ModelRepository, name: str, options: BuildOptions = BuildO
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise BuildError(_disk_full_message(spec.folder, name)) from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return repo.version(name, version)
+
+
+def _disk_full_message(folder: Path, name: str) -> str:
+    """Name both places a build writes (the version folder, and the temp dir the quantiser uses) and their free space."""
+    places = {folder.resolve(): "model folder", Path(tempfile.gettempdir()).resolve(): "temp dir"}
+    free = ", ".join(f"{label} {path}: {shutil.disk_usage(path).free / 2**30:.1f} GiB free" for path, label in places.items())
+    return (
+        f"model {name!r}: the disk filled up during the build (nothing was registered, the partial build was removed); "
+        f"{free}. A build needs about 3x the checkpoint's size in the model folder and 1.5x in the temp dir."
+    )
 
 
 def _build_into(

@@ -1,4 +1,5 @@
-"""Exact search of a Flat collection by BLAS (one query: one SIMD thread) instead of faiss's Flat kernel.
+"""Exact search of a Flat collection: scores by BLAS (one query over a small collection: faiss's
+one-thread SIMD loop), then the top-k kernel (kernels/topk.py), instead of faiss's Flat kernel.
 
 faiss 1.15 scores fewer than `distance_compute_blas_threshold` (128,000) queries pair by pair,
 and its IndexIDMap2 forks OpenMP threads even for ten labels: on two cores that ran 2-5x slower
@@ -20,9 +21,14 @@ from typing import Any
 import faiss
 import numpy as np
 
-# Scores computed per block: queries x rows <= this many floats (16 MiB, plus argpartition's
-# int64 indices), so a batch against a large collection never allocates queries x N at once.
+from openemploi.kernels import topk_rows
+
+# Scores computed per block: queries x rows <= this many floats (16 MiB), so a batch against a
+# large collection never allocates queries x N at once.
 BLOCK_FLOATS = 4 * 1024 * 1024
+# From this many rows a single query's scan is long enough for BLAS's two threads to pay even on a
+# loaded machine (_scores); at 50k rows the two ways traded wins between p50 and p90.
+SINGLE_QUERY_BLAS_ROWS = 65_536
 MISSING_SCORE = np.float32(-np.finfo(np.float32).max)
 
 
@@ -40,35 +46,14 @@ def flat_views(index: Any) -> tuple[np.ndarray, np.ndarray] | None:
     return vectors, ids
 
 
-def _select(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best (score, row) of each query row: highest score, then lowest row at a tie on the cut.
-
-    `rows` is (n,) shared by every query, or (queries, n). Returns unsorted (queries, min(k, n)).
-    """
-    n = scores.shape[1]
-    if n <= k:
-        return scores, np.broadcast_to(rows, scores.shape).copy()
-    top = np.argpartition(scores, n - k, axis=1)[:, n - k :]
-    picked = np.take_along_axis(scores, top, 1)
-    cut = picked.min(axis=1)
-    at_or_above = (scores >= cut[:, None]).sum(axis=1)
-    for q in np.flatnonzero(at_or_above > k):  # a tie straddles the cut: argpartition chose any of them
-        row_rows = rows if rows.ndim == 1 else rows[q]
-        above = np.flatnonzero(scores[q] > cut[q])
-        tied = np.flatnonzero(scores[q] == cut[q])
-        tied = tied[np.argsort(row_rows[tied], kind="stable")][: k - len(above)]
-        top[q] = np.concatenate([above, tied])
-    picked = np.take_along_axis(scores, top, 1)
-    chosen = rows[top] if rows.ndim == 1 else np.take_along_axis(rows, top, 1)
-    return picked, chosen
-
-
 def _scores(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """queries x vectors inner products. One query (every Search RPC) on one thread: BLAS's gemv
-    forks onto the second core, and when another process holds it the call waits a scheduler slice
-    (8 ms vs 1.1 ms for 20k x 384 on this 2-core machine under load); faiss's SIMD loop is as fast
-    as one BLAS thread. Batches keep BLAS's matrix product (its threads pay off there)."""
-    if len(queries) != 1:
+    """queries x vectors inner products. Batches, and single queries over at least
+    SINGLE_QUERY_BLAS_ROWS rows, go to BLAS's matrix product on both cores. A smaller single query
+    runs faiss's SIMD loop on one thread: when other processes hold the cores, BLAS's second thread
+    waits for a scheduler slice, which costs more than it saves on a short scan. With both cores
+    busy (benchmarks/flat_single_query.py): 20k rows p90 5.1 ms on one thread vs 8.7 ms with
+    BLAS, 100k rows p50 22 vs 14 ms; on an idle machine BLAS halves both."""
+    if len(queries) != 1 or len(vectors) >= SINGLE_QUERY_BLAS_ROWS:
         return queries @ vectors.T
     vectors = np.ascontiguousarray(vectors)
     query = np.ascontiguousarray(queries[0])
@@ -100,15 +85,14 @@ def search(
     if len(rows) == 0 or nq == 0:
         return out_scores, out_ids
     block = max(k, BLOCK_FLOATS // nq)
-    parts = []
+    best_scores, best_rows = None, None
     for start in range(0, len(rows), block):
-        parts.append(_select(_scores(queries, vectors[start : start + block]), rows[start : start + block], k))
-    if len(parts) == 1:
-        scores, chosen = parts[0]
-    else:
-        scores, chosen = _select(np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 1), k)
-    order = np.lexsort((chosen, -scores), axis=1)  # score descending, then the row added first
-    found = scores.shape[1]
-    out_scores[:, :found] = np.take_along_axis(scores, order, 1)
-    out_ids[:, :found] = ids[np.take_along_axis(chosen, order, 1)]
+        scores, chosen = topk_rows(_scores(queries, vectors[start : start + block]), rows[start : start + block], k)
+        if best_scores is not None:  # merge with the blocks before: the kernel's tie rule holds across blocks
+            scores, chosen = topk_rows(np.concatenate([best_scores, scores], 1), np.concatenate([best_rows, chosen], 1), k)
+        best_scores, best_rows = scores, chosen
+    assert best_scores is not None and best_rows is not None  # at least one block: rows is not empty
+    found = best_scores.shape[1]
+    out_scores[:, :found] = best_scores
+    out_ids[:, :found] = ids[best_rows]
     return out_scores, out_ids

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -44,13 +46,15 @@ class ServerThread:
 
 
 def make_config(**changes) -> ServerConfig:
+    collections_dir = Path(tempfile.mkdtemp(prefix="openemploi-test-"))
+    atexit.register(shutil.rmtree, collections_dir, True)
     base = ServerConfig(
         port=0,
         rome_collection=False,
         metrics_port=0,
         http_port=0,
         progress=False,
-        collections_dir=Path(tempfile.mkdtemp(prefix="openemploi-test-")),
+        collections_dir=collections_dir,
         model_repository=REPO_ROOT / "models",
         default_model=DEFAULT_MODEL,
         models=(DEFAULT_MODEL,),

@@ -114,3 +114,21 @@ def test_a_checkpoint_that_fails_its_gate_is_not_registered(repository, tmp_path
     assert ModelRepository(repository).versions("tiny-strict") == []
     report = json.loads((folder / "last-failed-build.json").read_text())
     assert not report["passed"]
+
+
+def test_a_full_disk_is_a_build_error_that_leaves_nothing_behind(repository, tmp_path, monkeypatch):
+    import errno
+
+    from openemploi.build import export
+
+    checkpoint = tiny_checkpoint(tmp_path / "full")
+    add_model(repository, checkpoint, AddOptions(name="tiny-full"))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "quantise_int8", disk_full)
+    with pytest.raises(BuildError, match="disk filled up.*GiB free"):
+        build_model(ModelRepository(repository), "tiny-full", BuildOptions(progress=False))
+    assert ModelRepository(repository).versions("tiny-full") == []
+    assert not list((repository / "tiny-full").glob(".building-*"))

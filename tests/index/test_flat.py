@@ -113,6 +113,13 @@ def test_blocks_merge_to_the_same_answer(index, monkeypatch):
     assert_same(index.search(queries, 10), whole)
 
 
+def test_a_single_query_over_a_large_collection_takes_blas_with_the_same_answer(index, monkeypatch):
+    one = units(np.random.default_rng(12), 1)
+    small = index.search(one, 10)  # faiss's one-thread loop
+    monkeypatch.setattr(flat, "SINGLE_QUERY_BLAS_ROWS", 100)
+    assert_same(index.search(one, 10), small)
+
+
 def test_empty_index_and_other_kinds():
     index = VectorIndex(DIM, IndexParams(kind="flat"))
     scores, ids = index.search(units(np.random.default_rng(2), 2), 3)

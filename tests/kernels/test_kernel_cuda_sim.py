@@ -27,7 +27,7 @@ def reports() -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kernel", ["pooling", "fusion", "dispatch"])
+@pytest.mark.parametrize("kernel", ["pooling", "fusion", "topk", "dispatch"])
 def test_cuda_kernel_on_simulator(reports, kernel):
     report = reports[kernel]
     assert report["cases"] > 0
@@ -97,6 +97,26 @@ def _fusion_cases(np, K, cuda):
         yield "union_dense mismatch"
 
 
+def _topk_cases(np, K, cuda):
+    rng = np.random.default_rng(13)
+    for queries, n, k in [(1, 1, 1), (3, 40, 5), (17, 60, 8), (2, 6, 10), (2, 6, 0)]:
+        scores = np.round(rng.standard_normal((queries, n)), 1).astype(np.float32)  # ties
+        rows = rng.permutation(n).astype(np.int64)
+        want = K.topk_rows_reference(scores, rows, k)
+        got = K.topk_rows(scores, rows, k, backend="cuda")
+        for g, w in zip(got, want):
+            assert isinstance(g, np.ndarray) and g.dtype == w.dtype
+            np.testing.assert_array_equal(g, w)
+        yield f"host {queries}x{n} k={k}"
+    scores = rng.standard_normal((3, 20)).astype(np.float32)
+    rows = np.broadcast_to(np.arange(20, dtype=np.int64), (3, 20)).copy()
+    got = K.topk_rows(cuda.to_device(scores), cuda.to_device(rows), 4)  # auto: device in, device out
+    assert not isinstance(got[0], np.ndarray)
+    for g, w in zip(got, K.topk_rows_reference(scores, rows, 4)):
+        np.testing.assert_array_equal(g.copy_to_host(), w)
+    yield "device arrays"
+
+
 def _dispatch_cases(np, K, cuda):
     assert K.cuda_available()
     assert K._dispatch.pick(None, cuda.to_device(np.zeros(2))) == "cuda"
@@ -117,7 +137,12 @@ def _main() -> None:
     import openemploi.kernels as K
 
     out = {}
-    for name, cases in (("pooling", _pooling_cases), ("fusion", _fusion_cases), ("dispatch", _dispatch_cases)):
+    for name, cases in (
+        ("pooling", _pooling_cases),
+        ("fusion", _fusion_cases),
+        ("topk", _topk_cases),
+        ("dispatch", _dispatch_cases),
+    ):
         done, failures = [], []
         try:
             for label in cases(np, K, cuda):  # progress is kept if a case fails
