@@ -14,6 +14,8 @@ Every kernel comes in four functions of the same signature:
 uses a kernel only where the numba version is faster (see the verdicts in that benchmark's JSON).
 """
 
+import numpy as np
+
 from ._dispatch import BACKENDS, BackendUnavailable, cuda_available
 from .fusion import (
     RRF_K,
@@ -31,6 +33,14 @@ from .pooling import (
     mean_pool_normalize_reference,
 )
 from .topk import topk_rows, topk_rows_cuda, topk_rows_numba, topk_rows_reference
+
+
+def warm_up() -> None:
+    """Compile the CPU kernels that searches run, or load them from numba's cache, before the server
+    says SERVING: otherwise the first Search or Match request pays for it (0.35 s cached, 0.5 s cold)."""
+    topk_rows_numba(np.zeros((1, 4), np.float32), np.arange(4), 2)
+    fuse_topk_numba([1, 2], [0.5, 0.4], [2, 3], [1.0, 0.5], 2, "rrf")
+
 
 __all__ = [
     "BACKENDS",
@@ -51,4 +61,5 @@ __all__ = [
     "topk_rows_cuda",
     "topk_rows_numba",
     "topk_rows_reference",
+    "warm_up",
 ]

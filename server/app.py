@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from openemploi import kernels
 from openemploi.v1 import embedding_pb2, index_pb2, match_pb2, models_pb2, skills_pb2
 
 from . import security
@@ -204,6 +205,7 @@ async def start_server(
                 skills_servicer.collection = lambda: collections.get(skills.spec.name)
                 skills_servicer.occupations = match_servicer.occupations
                 skills_servicer.engine = engine
+        await asyncio.to_thread(kernels.warm_up)
     except BaseException:
         await asyncio.gather(server.stop(0), *([http.stop(0)] if http else []))
         await asyncio.to_thread(index_pool.close)

@@ -24,6 +24,7 @@ from ray import serve
 from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
 from ray.serve.exceptions import RayServeException
 
+from .. import kernels
 from ..config import ServerConfig
 from ..index.collection import ShardUnavailable
 from ..logs import configure_logging
@@ -44,6 +45,7 @@ class CollectionShard:
         self._service = ShardService(Path(root) / f"shard-{index}")
         # A thread per call Serve lets in: writes waiting behind a re-embedding fence never starve its own calls.
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix="openemploi-shard")
+        kernels.warm_up()  # the replica is ready only once a search would not compile them
 
     async def call(self, method: str, args: tuple[Any, ...]) -> Reply:
         loop = asyncio.get_running_loop()

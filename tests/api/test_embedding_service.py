@@ -219,6 +219,18 @@ def test_full_queue_is_refused_at_once(default_version):
         small.stop()
 
 
+def test_the_search_kernels_are_compiled_before_the_server_says_serving(default_version, monkeypatch):
+    import openemploi.kernels
+
+    warmed = []
+    monkeypatch.setattr(openemploi.kernels, "warm_up", lambda: warmed.append(True))
+    running = ServerThread(make_config())
+    try:
+        assert warmed == [True]  # start_server returned: health is SERVING only after the warm-up
+    finally:
+        running.stop()
+
+
 def test_graceful_shutdown_finishes_in_flight_work(default_version):
     draining = ServerThread(make_config())
     channel = grpc.insecure_channel(draining.address)

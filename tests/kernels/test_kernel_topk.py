@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -62,3 +65,14 @@ def test_bad_shapes_and_k_are_value_errors():
         topk_rows(np.zeros(5, np.float32), np.arange(5), 3)
     with pytest.raises(ValueError, match="k must be"):
         topk_rows(scores, np.arange(5), -1)
+
+
+def test_warm_up_compiles_the_search_kernels_in_a_fresh_process():
+    check = (
+        "import openemploi.kernels as K; from openemploi.kernels.topk import _topk_cpu; "
+        "from openemploi.kernels.fusion import _fuse_cpu; "
+        "assert not _topk_cpu.signatures and not _fuse_cpu.signatures; K.warm_up(); "
+        "assert _topk_cpu.signatures and _fuse_cpu.signatures"
+    )
+    proc = subprocess.run([sys.executable, "-P", "-c", check], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
