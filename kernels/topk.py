@@ -1,16 +1,17 @@
 """The k best scores of each query row, and their rows; the selection step of exact (Flat) search.
 
-Input: ``scores`` float32 ``[q, n]`` (one row of inner products per query) and ``rows`` int64, either
-``[n]`` (the same row numbers for every query: one block of a collection; on the device ``[1, n]``)
-or ``[q, n]`` (per query: candidates merged from several blocks). Output: ``(best_scores float32[q, r], best_rows int64[q, r])``
-with ``r = min(k, n)``, each query's row sorted by score descending, then by smaller row. So at a
-tie on the cut the rows with the smaller numbers are kept, whatever order they come in: the rows
-added to a collection first win, as the collection's filtered exact path orders them.
+Input: ``scores`` float32 ``[q, n]`` (one row of inner products per query) and ``rows`` int64,
+either ``[n]`` (the same row numbers for every query: one block of a collection; on the device
+``[1, n]``) or ``[q, n]`` (per query: candidates merged from several blocks).
+Output: ``(best_scores float32[q, r], best_rows int64[q, r])`` with ``r = min(k, n)``, each query's
+row sorted by score descending, then by smaller row. So at a tie on the cut the rows with the
+smaller numbers are kept, whatever order they come in: the rows added to a collection first win,
+as the collection's filtered exact path orders them.
 
-Why a kernel: after BLAS's matrix product, numpy's ``argpartition`` over the ``[64, 20,000]``
-scores took 3 of the 10 ms of a batch-64 search (a third of it), and costs as much again to check
-ties at the cut; this kernel reads each score once, keeping a sorted list of the k best in which a
-score below the k-th is skipped by one comparison (benchmarks/kernels_bench.py).
+Why a kernel: after BLAS's matrix product (7.1 ms), numpy's ``argpartition`` and the tie check
+over the ``[64, 20,000]`` scores took 3.6 ms of a batch-64 search. This kernel reads each score
+once and keeps a sorted list of the k best, so a score below the k-th costs one comparison
+(benchmarks/kernels_bench.py: 2.5x on that case).
 
 NaN scores are not supported (a NaN is never kept by the compiled kernels).
 """
@@ -27,7 +28,7 @@ from . import _dispatch
 
 def _check(scores: Any, rows: Any, k: int) -> tuple[np.ndarray, np.ndarray, int]:
     scores = np.ascontiguousarray(scores, dtype=np.float32)
-    rows = _dispatch.as_int_array(rows, np.int64, "rows", ndim=np.ndim(rows) if np.ndim(rows) in (1, 2) else 1)
+    rows = _dispatch.as_int_array(rows, np.int64, "rows", ndim=2 if np.ndim(rows) == 2 else 1)
     if scores.ndim != 2:
         raise ValueError(f"scores must be [queries, n], got shape {scores.shape}")
     if rows.shape not in ((scores.shape[1],), scores.shape):

@@ -168,7 +168,8 @@ def _disk_full_message(folder: Path, name: str) -> str:
     free = ", ".join(f"{label} {path}: {shutil.disk_usage(path).free / 2**30:.1f} GiB free" for path, label in places.items())
     return (
         f"model {name!r}: the disk filled up during the build (nothing was registered, the partial build was removed); "
-        f"{free}. A build needs about 3x the checkpoint's size in the model folder and 1.5x in the temp dir."
+        f"{free}. The default model's version takes 1.1 GB for a 0.45 GB checkpoint, and ONNX Runtime's quantiser "
+        "writes a copy of the fp32 graph to the temp dir while it calibrates."
     )
 
 
