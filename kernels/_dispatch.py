@@ -100,3 +100,10 @@ def as_int_array(x: Any, dtype: type, what: str, ndim: int = 1) -> np.ndarray:
     if arr.dtype.kind != "b" and (arr.min() < info.min or arr.max() > info.max):
         raise ValueError(f"{what} has values outside {np.dtype(dtype).name}")
     return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def as_k(k: Any) -> int:
+    """A result count: a non-negative integer (bool is refused, numpy integers are accepted)."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
+        raise ValueError(f"k must be an integer >= 0, got {k!r}")
+    return int(k)

@@ -71,8 +71,7 @@ def _check(dense_ids, dense_scores, lexical_ids, lexical_scores, k, mode, dense_
         raise ValueError(f"dense_scores has shape {dense_scores.shape}, dense_ids {dense_ids.shape}")
     if lexical_scores.shape != lexical_ids.shape:
         raise ValueError(f"lexical_scores has shape {lexical_scores.shape}, lexical_ids {lexical_ids.shape}")
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
-        raise ValueError(f"k must be an integer >= 0, got {k!r}")
+    k = _dispatch.as_k(k)
     if mode not in MODES:
         raise ValueError(f"unknown fusion mode {mode!r}; expected one of {MODES}")
     dense_weight = float(dense_weight)
@@ -86,7 +85,7 @@ def _check(dense_ids, dense_scores, lexical_ids, lexical_scores, k, mode, dense_
             raise ValueError(f"dense_weight must be finite, got {dense_weight}")
     else:
         union_dense = np.zeros(0, np.float64)
-    return dense_ids, lexical_ids, lexical_scores, int(k), union_dense, dense_weight
+    return dense_ids, lexical_ids, lexical_scores, k, union_dense, dense_weight
 
 
 def _union_mismatch(got: int, want: int) -> ValueError:

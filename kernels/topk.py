@@ -33,9 +33,7 @@ def _check(scores: Any, rows: Any, k: int) -> tuple[np.ndarray, np.ndarray, int]
         raise ValueError(f"scores must be [queries, n], got shape {scores.shape}")
     if rows.shape not in ((scores.shape[1],), scores.shape):
         raise ValueError(f"rows must be [n] or [queries, n] for scores {scores.shape}, got {rows.shape}")
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
-        raise ValueError(f"k must be an integer >= 0, got {k!r}")
-    return scores, np.ascontiguousarray(rows.reshape(-1, scores.shape[1])), int(k)
+    return scores, np.ascontiguousarray(rows.reshape(-1, scores.shape[1])), _dispatch.as_k(k)
 
 
 def topk_rows_reference(scores: Any, rows: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -100,12 +98,11 @@ def topk_rows_cuda(scores: Any, rows: Any, k: int) -> tuple[Any, Any]:
             raise ValueError(f"device rows must be [1, n] or [queries, n] for scores {scores.shape}, got {rows.shape}")
         if np.dtype(scores.dtype) != np.float32 or np.dtype(rows.dtype) != np.int64:
             raise TypeError(f"device scores must be float32 and rows int64, got {scores.dtype} and {rows.dtype}")
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
-            raise ValueError(f"k must be an integer >= 0, got {k!r}")
+        k = _dispatch.as_k(k)
     from ._cuda import TOPK_THREADS, topk_kernel
 
     queries, n = scores.shape
-    kept = min(int(k), n)
+    kept = min(k, n)
     best_scores = cuda.device_array((queries, kept), np.float32)
     best_rows = cuda.device_array((queries, kept), np.int64)
     if queries and kept:

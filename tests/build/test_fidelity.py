@@ -136,9 +136,8 @@ def test_calibration_covers_the_domain_and_never_the_gated_texts():
     kinds = {kind for _, kind in texts}
     assert kinds == {TextKind.PASSAGE, TextKind.QUERY}
     assert len(texts) == len(probe.passages) + len(probe.queries) + CALIBRATION_CATALOGUE_ENTRIES
-    assert not {t.casefold() for t, _ in texts} & {t.casefold() for t in probe.texts} - {
-        t.casefold() for t in probe.passages + probe.queries
-    }
+    gated_only = {t.casefold() for t in probe.texts} - {t.casefold() for t in probe.passages + probe.queries}
+    assert not {t.casefold() for t, _ in texts} & gated_only
     catalogue = texts[len(probe.passages) + len(probe.queries) :]
     assert any(" : " in t and "Compétences" in t for t, _ in catalogue)  # task lists, not only titles
     assert calibration_texts() == texts
