@@ -67,7 +67,9 @@ class SkillsServicer(skills_pb2_grpc.SkillsServiceServicer):
 
     def _skill(self, engine: SkillsEngine, e: Extracted, clauses: list[str]) -> skills_pb2.ExtractedSkill:
         skill = engine.space.skills[e.skill]
-        return skills_pb2.ExtractedSkill(uri=skill.uri, label=skill.label, score=e.score, evidence=clauses[e.clause])
+        return skills_pb2.ExtractedSkill(
+            uri=skill.uri, label=skill.label, score=e.score, evidence=clauses[e.clause], label_fr=skill.label_fr
+        )
 
     @rpc.unary
     async def ExtractSkills(self, request: skills_pb2.ExtractSkillsRequest, call: rpc.Call) -> skills_pb2.ExtractSkillsResponse:
@@ -107,6 +109,7 @@ class SkillsServicer(skills_pb2_grpc.SkillsServiceServicer):
                     score=p.score,
                     specificity=engine.specificity.get(p.skill, 0.0),
                     evidence=p.evidence,
+                    label_fr=engine.space.skills[p.skill].label_fr,
                 )
                 for p in engine.profile(occupation.code)
             ],
@@ -161,6 +164,8 @@ class SkillsServicer(skills_pb2_grpc.SkillsServiceServicer):
             proximity=r.proximity,
             same_family=r.same_family,
             viable=r.score >= engine.viable,
+            transferable_skills_fr=[labels[s].label_fr for s in r.transferable],
+            missing_skills_fr=[labels[s].label_fr for s in r.missing],
         )
 
     @rpc.unary

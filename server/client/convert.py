@@ -108,11 +108,11 @@ def model_info(m: models_pb2.ModelInfo) -> ModelInfo:
 
 
 def extracted_skill(s: skills_pb2.ExtractedSkill) -> ExtractedSkill:
-    return ExtractedSkill(s.uri, s.label, s.score, s.evidence)
+    return ExtractedSkill(s.uri, s.label, s.score, s.evidence, s.label_fr)
 
 
 def occupation(r: skills_pb2.GetOccupationResponse) -> Occupation:
-    skills = tuple(OccupationSkill(s.uri, s.label, s.score, s.specificity, s.evidence) for s in r.skills)
+    skills = tuple(OccupationSkill(s.uri, s.label, s.score, s.specificity, s.evidence, s.label_fr) for s in r.skills)
     return Occupation(r.code, r.label, tuple(r.sectors), tuple(r.titles), tuple(r.tasks), skills)
 
 
@@ -127,6 +127,8 @@ def transition(t: skills_pb2.Transition) -> Transition:
         t.proximity,
         t.same_family,
         t.viable,
+        tuple(t.transferable_skills_fr),
+        tuple(t.missing_skills_fr),
     )
 
 

@@ -163,6 +163,7 @@ class ExtractedSkill:
     label: str
     score: float
     evidence: str  # the sentence or clause of the text that supports the skill
+    label_fr: str = ""  # the team's French label (not ESCO's official one)
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,7 @@ class OccupationSkill:
     score: float
     specificity: float  # 1 for a skill few occupations share, near 0 for a generic one
     evidence: str
+    label_fr: str = ""
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,8 @@ class Transition:
     proximity: float
     same_family: bool
     viable: bool
+    transferable_skills_fr: tuple[str, ...] = ()  # French labels of transferable_skills, same order
+    missing_skills_fr: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

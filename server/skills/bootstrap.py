@@ -27,7 +27,16 @@ from ..runtime.registry import LoadedModel
 from ..tokenize import TextKind
 from .engine import SkillsEngine
 from .esco import Skill, load_skills, skills_version
-from .extract import ExtractParams, SkillSpace, centre, map_lines, skill_matrix
+from .extract import (
+    DESCRIPTION_WEIGHT,
+    FRENCH_WEIGHT,
+    LABEL_WEIGHT,
+    ExtractParams,
+    SkillSpace,
+    centre,
+    map_lines,
+    skill_matrix,
+)
 from .profiles import ProfileParams, derive_profiles, near_duplicates, occupation_lines
 from .transitions import TransitionParams
 
@@ -35,10 +44,15 @@ log = logging.getLogger(__name__)
 BATCH = 64
 IN_FLIGHT = 8
 # What is embedded and how it is combined: part of the re-index key, so that a change here re-indexes
-# production and the test catalogues. Each skill twice, as passages: its full description (id: URI)
-# and its preferred label (id: LABEL_ID + URI); each French catalogue line as a query, as clauses are.
-INDEX_RECIPE = "skills-2:passage(description),passage(label),centred-mean;lines:query"
+# production and the test catalogues. Each skill three times: as passages its full description (id:
+# URI) and its preferred label (id: LABEL_ID + URI), as a query its French wordings (FRENCH_ID + URI);
+# each French catalogue line as a query, as clauses are.
+INDEX_RECIPE = (
+    "skills-3:passage(description),passage(label),query(french),"
+    f"centred-mean({DESCRIPTION_WEIGHT}:{LABEL_WEIGHT}:{FRENCH_WEIGHT});lines:query"
+)
 LABEL_ID = "esco-label:"
+FRENCH_ID = "esco-fr:"
 LINE_ID = "rome-line:"
 MAP_KEY = "skills_map"
 
@@ -69,12 +83,13 @@ async def _embed_all(
 
 async def _index(
     collection: CollectionLike, model: LoadedModel, skills: list[Skill], lines: list[str], progress: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(description vectors, label vectors, line vectors), each row as embedded, also stored in the collection."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(description, label, French and line vectors), each row as embedded, also stored in the collection."""
     descriptions = np.zeros((len(skills), model.dim), np.float32)
     labels = np.zeros((len(skills), model.dim), np.float32)
+    french = np.zeros((len(skills), model.dim), np.float32)
     line_vectors = np.zeros((len(lines), model.dim), np.float32)
-    total = 2 * len(skills) + len(lines)
+    total = 3 * len(skills) + len(lines)
     bar = tqdm(total=total, desc=f"indexing {collection.spec.name}", unit="entry", disable=not progress)
 
     async def store_descriptions(start: int, vectors: np.ndarray) -> None:
@@ -93,6 +108,14 @@ async def _index(
         ]
         await asyncio.to_thread(collection.upsert, documents)
 
+    async def store_french(start: int, vectors: np.ndarray) -> None:
+        french[start : start + len(vectors)] = vectors
+        documents = [
+            NewDocument(f"{FRENCH_ID}{s.uri}", s.french, v, {"kind": "esco_french"})
+            for s, v in zip(skills[start : start + len(vectors)], vectors)
+        ]
+        await asyncio.to_thread(collection.upsert, documents)
+
     async def store_lines(start: int, vectors: np.ndarray) -> None:
         line_vectors[start : start + len(vectors)] = vectors
         documents = [
@@ -104,10 +127,11 @@ async def _index(
     try:
         await _embed_all(model, [s.description for s in skills], TextKind.PASSAGE, bar, store_descriptions)
         await _embed_all(model, [s.label for s in skills], TextKind.PASSAGE, bar, store_labels)
+        await _embed_all(model, [s.french for s in skills], TextKind.QUERY, bar, store_french)  # French to French
         await _embed_all(model, lines, TextKind.QUERY, bar, store_lines)  # as clauses are: mapped like one
     finally:
         bar.close()
-    return descriptions, labels, line_vectors
+    return descriptions, labels, french, line_vectors
 
 
 def _read_vectors(collection: CollectionLike, ids: list[str], dim: int) -> np.ndarray:
@@ -150,14 +174,15 @@ async def ensure_skills_collection(
     if collection is not None:
         descriptions = await asyncio.to_thread(_read_vectors, collection, [s.uri for s in skills], model.dim)
         labels = await asyncio.to_thread(_read_vectors, collection, [f"{LABEL_ID}{s.uri}" for s in skills], model.dim)
+        french = await asyncio.to_thread(_read_vectors, collection, [f"{FRENCH_ID}{s.uri}" for s in skills], model.dim)
         line_vectors = await asyncio.to_thread(_read_vectors, collection, [f"{LINE_ID}{i}" for i in range(len(lines))], model.dim)
         line_skills, neighbours = decode_map(collection.store.get_info(MAP_KEY), skills)
-        space = _space(skills, descriptions, labels, line_vectors)
+        space = _space(skills, descriptions, labels, french, line_vectors)
     else:
         spec = CollectionSpec(name, model.name, model.version.version, model.dim, IndexParams(kind="flat"))
         collection = await asyncio.to_thread(manager.create, spec)
-        descriptions, labels, line_vectors = await _index(collection, model, skills, lines, progress)
-        space = _space(skills, descriptions, labels, line_vectors)
+        descriptions, labels, french, line_vectors = await _index(collection, model, skills, lines, progress)
+        space = _space(skills, descriptions, labels, french, line_vectors)
         line_skills, neighbours = await asyncio.to_thread(map_catalogue, space, params)
         collection.store.set_info({"skills_version": version, MAP_KEY: encode_map(line_skills, neighbours, skills)})
         await asyncio.to_thread(collection.snapshot)
@@ -177,11 +202,13 @@ async def ensure_skills_collection(
     return collection, engine
 
 
-def _space(skills: list[Skill], descriptions: np.ndarray, labels: np.ndarray, line_vectors: np.ndarray) -> SkillSpace:
+def _space(
+    skills: list[Skill], descriptions: np.ndarray, labels: np.ndarray, french: np.ndarray, line_vectors: np.ndarray
+) -> SkillSpace:
     """The French side's mean comes from the catalogue's lines: many, varied, and never the texts scored."""
     mean = line_vectors.mean(axis=0) if len(line_vectors) else np.zeros(descriptions.shape[1], np.float32)
     mean = mean.astype(np.float32)
-    return SkillSpace(skills, skill_matrix(descriptions, labels), mean, centre(line_vectors, mean))
+    return SkillSpace(skills, skill_matrix(descriptions, labels, french), mean, centre(line_vectors, mean))
 
 
 def map_catalogue(space: SkillSpace, params: ProfileParams) -> tuple[list[list[tuple[int, float]]], dict[int, list[int]]]:

@@ -1,4 +1,5 @@
-"""The ESCO v1 skills shipped in `data/` (see data/PROVENANCE.md), with a usable preferred label each.
+"""The ESCO v1 skills shipped in `data/` (see data/PROVENANCE.md), with a usable preferred label each,
+and the team's French label and wordings for each (ESCO's own French labels are not available here).
 
 The source column `description` runs the preferred label, the alternative labels and the
 definition together with no separator. The definition is the first capitalised sentence (names
@@ -22,6 +23,7 @@ from pathlib import Path
 
 DATA_DIR = Path(__file__).parent / "data"
 SKILLS_FILE = "esco_skills.csv.gz"
+FRENCH_FILE = "esco_skills_fr.tsv.gz"  # uri, label, alternatives (" | " between them)
 SKILL_URI_PREFIX = "http://data.europa.eu/esco/skill/"
 
 # A definition starts at a capitalised word (then lower case) that is not the first word: labels are
@@ -51,6 +53,14 @@ class Skill:
     label: str  # preferred label, derived (English)
     labels: str  # preferred and alternative labels, as one run of text
     definition: str
+    label_fr: str = ""  # the team's French label ("conduire un chariot élévateur")
+    alternatives_fr: tuple[str, ...] = ()  # everyday French wordings of the same skill
+
+    @property
+    def french(self) -> str:
+        """The French label and wordings as one text: what is embedded for matching French words.
+        The English label stands in where a skill has no French one (a data file from elsewhere)."""
+        return ", ".join((self.label_fr, *self.alternatives_fr)) if self.label_fr else self.label
 
     @property
     def description(self) -> str:
@@ -160,7 +170,12 @@ def _recurs(tail: list[str], rest: list[str]) -> bool:
 
 
 def skills_version(data_dir: Path = DATA_DIR) -> str:
-    return hashlib.sha256((data_dir / SKILLS_FILE).read_bytes()).hexdigest()[:16]
+    """Both files: new French wordings re-index as new ESCO data does."""
+    digest = hashlib.sha256((data_dir / SKILLS_FILE).read_bytes())
+    french = data_dir / FRENCH_FILE
+    if french.is_file():
+        digest.update(french.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def read_rows(data_dir: Path = DATA_DIR) -> list[tuple[str, str]]:
@@ -168,13 +183,33 @@ def read_rows(data_dir: Path = DATA_DIR) -> list[tuple[str, str]]:
     return [(row["id"], row["description"]) for row in csv.DictReader(io.StringIO(raw, newline=""))]
 
 
+def read_french(data_dir: Path = DATA_DIR) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """{uri: (French label, alternatives)}; empty when the folder has no French file."""
+    path = data_dir / FRENCH_FILE
+    if not path.is_file():
+        return {}
+    raw = gzip.decompress(path.read_bytes()).decode("utf-8")
+    french: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for row in csv.DictReader(io.StringIO(raw, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE):
+        alternatives = tuple(a.strip() for a in (row["alternatives"] or "").split("|") if a.strip())
+        french[row["uri"]] = (row["label"].strip(), alternatives)
+    return french
+
+
 def load_skills(data_dir: Path = DATA_DIR) -> list[Skill]:
     rows = read_rows(data_dir)
+    french = read_french(data_dir)
     names = proper_nouns(description for _, description in rows)
     parts = [split_description(description, names) for _, description in rows]
     runs = [labels.split() for labels, _ in parts]
     stats = LabelStats.of(runs)
     return [
-        Skill(uri, preferred_label(words, stats) or definition[:60], labels or definition[:200], definition)
+        Skill(
+            uri,
+            preferred_label(words, stats) or definition[:60],
+            labels or definition[:200],
+            definition,
+            *french.get(uri, ("", ())),
+        )
         for (uri, _), (labels, definition), words in zip(rows, parts, runs)
     ]

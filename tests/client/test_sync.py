@@ -169,6 +169,7 @@ def skills_client(skills_server):
 def test_extract_skills_returns_typed_skills(skills_client):
     skills = skills_client.extract_skills("Vous pétrissez la pâte et façonnez les baguettes chaque nuit.", k=5)
     assert skills and all(isinstance(s, ExtractedSkill) and s.uri.startswith("http") and s.evidence for s in skills)
+    assert all(s.label and s.label_fr for s in skills)  # English (ESCO) and French labels both reach the client
     assert [s.score for s in skills] == sorted((s.score for s in skills), reverse=True)
 
 
@@ -181,6 +182,7 @@ def test_get_occupation_returns_its_profile(skills_client):
 def test_suggest_transitions_from_a_code(skills_client):
     transitions = skills_client.suggest_transitions(code="D1102", k=5)
     assert 0 < len(transitions) <= 5 and all(isinstance(t, Transition) and t.code != "D1102" for t in transitions)
+    assert all(len(t.missing_skills_fr) == len(t.missing_skills) for t in transitions)
 
 
 def test_describe_needs_of_a_job_ad(skills_client):

@@ -19,6 +19,12 @@ def test_a_skill_is_embedded_as_its_description_and_its_preferred_label():
     assert Skill("u", "bake", "bake", "").description == "bake"
 
 
+def test_a_skill_is_embedded_in_french_as_its_label_and_wordings():
+    skill = Skill("u", "operate forklift", "operate forklift", "", "conduire un chariot élévateur", ("cariste",))
+    assert skill.french == "conduire un chariot élévateur, cariste"
+    assert Skill("u", "bake", "bake", "").french == "bake"  # no French wordings: the English label stands in
+
+
 def test_catalogue_lines_are_the_distinct_task_and_skill_lines():
     occupations = [
         Occupation("A1", "a", tasks=("charger les camions",), skills=("sécurité",)),

@@ -11,13 +11,16 @@ import pytest
 
 from openemploi.skills.esco import (
     DATA_DIR,
+    FRENCH_FILE,
     SKILL_URI_PREFIX,
     SKILLS_FILE,
     LabelStats,
     load_skills,
     preferred_label,
     proper_nouns,
+    read_french,
     read_rows,
+    skills_version,
     split_description,
 )
 
@@ -109,6 +112,28 @@ def test_every_skill_has_a_uri_labels_and_a_definition(skills):
     assert all(uri.startswith(SKILL_URI_PREFIX) for uri in skills)
     assert all(s.label and s.labels.startswith(s.label) for s in skills.values())
     assert sum(1 for s in skills.values() if not s.definition) < 10
+
+
+def test_every_skill_has_a_french_label_from_the_shipped_file(skills):
+    french = read_french()
+    assert set(french) == set(skills)  # one row per ESCO URI, none unknown
+    assert all(s.label_fr for s in skills.values())
+    same = [s.label for s in skills.values() if s.label_fr == s.label]  # names: "Java", "SAP R3", "Oracle WebLogic"
+    assert len(same) < 0.05 * len(skills)
+    assert skills[SKILL_URI_PREFIX + "2592d0a3-a6ab-44f7-ac29-c145b4ad81c8"].french.startswith("inspecter")  # inspect cargo
+    assert all("|" not in a and a.strip() == a and a for s in skills.values() for a in s.alternatives_fr)
+    assert hashlib.sha256((DATA_DIR / FRENCH_FILE).read_bytes()).hexdigest() in (DATA_DIR / "PROVENANCE.md").read_text(
+        encoding="utf-8"
+    )
+
+
+def test_the_skills_version_follows_the_french_file(tmp_path: Path):
+    for name in (SKILLS_FILE, FRENCH_FILE):
+        (tmp_path / name).write_bytes((DATA_DIR / name).read_bytes())
+    assert skills_version(tmp_path) == skills_version()
+    (tmp_path / FRENCH_FILE).write_bytes(gzip.compress(b"uri\tlabel\talternatives\n"))
+    assert skills_version(tmp_path) != skills_version()
+    assert all(s.french == s.label for s in load_skills(tmp_path)[:50])  # no French row: the English label
 
 
 def test_the_definition_starts_at_the_first_capitalised_word():

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from openemploi.v1 import match_pb2 as openemploi_dot_v1_dot_match__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aopenemploi/v1/skills.proto\x12\ropenemploi.v1\x1a\x19openemploi/v1/match.proto\"B\n\x14\x45xtractSkillsRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x11\n\tmin_score\x18\x03 \x01(\x02\"M\n\x0e\x45xtractedSkill\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x10\n\x08\x65vidence\x18\x04 \x01(\t\"l\n\x15\x45xtractSkillsResponse\x12-\n\x06skills\x18\x01 \x03(\x0b\x32\x1d.openemploi.v1.ExtractedSkill\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"$\n\x14GetOccupationRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\"c\n\x0fOccupationSkill\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x13\n\x0bspecificity\x18\x04 \x01(\x02\x12\x10\n\x08\x65vidence\x18\x05 \x01(\t\"\x94\x01\n\x15GetOccupationResponse\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0f\n\x07sectors\x18\x03 \x03(\t\x12\x0e\n\x06titles\x18\x04 \x03(\t\x12\r\n\x05tasks\x18\x05 \x03(\t\x12.\n\x06skills\x18\x06 \x03(\x0b\x32\x1e.openemploi.v1.OccupationSkill\"R\n\x19SuggestTransitionsRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06skills\x18\x03 \x03(\t\x12\t\n\x01k\x18\x04 \x01(\x05\"\xbc\x01\n\nTransition\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x1b\n\x13transferable_skills\x18\x04 \x03(\t\x12\x16\n\x0emissing_skills\x18\x05 \x03(\t\x12\x15\n\rskill_overlap\x18\x06 \x01(\x02\x12\x11\n\tproximity\x18\x07 \x01(\x02\x12\x13\n\x0bsame_family\x18\x08 \x01(\x08\x12\x0e\n\x06viable\x18\t \x01(\x08\"r\n\x1aSuggestTransitionsResponse\x12.\n\x0btransitions\x18\x01 \x03(\x0b\x32\x19.openemploi.v1.Transition\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"/\n\x14\x44\x65scribeNeedsRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\"\xe1\x01\n\x15\x44\x65scribeNeedsResponse\x12\x33\n\x0boccupations\x18\x01 \x03(\x0b\x32\x1e.openemploi.v1.OccupationMatch\x12\x35\n\x0etypical_skills\x18\x02 \x03(\x0b\x32\x1d.openemploi.v1.ExtractedSkill\x12\x36\n\x0fspecific_skills\x18\x03 \x03(\x0b\x32\x1d.openemploi.v1.ExtractedSkill\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t2\x8e\x03\n\rSkillsService\x12Z\n\rExtractSkills\x12#.openemploi.v1.ExtractSkillsRequest\x1a$.openemploi.v1.ExtractSkillsResponse\x12Z\n\rGetOccupation\x12#.openemploi.v1.GetOccupationRequest\x1a$.openemploi.v1.GetOccupationResponse\x12i\n\x12SuggestTransitions\x12(.openemploi.v1.SuggestTransitionsRequest\x1a).openemploi.v1.SuggestTransitionsResponse\x12Z\n\rDescribeNeeds\x12#.openemploi.v1.DescribeNeedsRequest\x1a$.openemploi.v1.DescribeNeedsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aopenemploi/v1/skills.proto\x12\ropenemploi.v1\x1a\x19openemploi/v1/match.proto\"B\n\x14\x45xtractSkillsRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x11\n\tmin_score\x18\x03 \x01(\x02\"_\n\x0e\x45xtractedSkill\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x10\n\x08\x65vidence\x18\x04 \x01(\t\x12\x10\n\x08label_fr\x18\x05 \x01(\t\"l\n\x15\x45xtractSkillsResponse\x12-\n\x06skills\x18\x01 \x03(\x0b\x32\x1d.openemploi.v1.ExtractedSkill\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"$\n\x14GetOccupationRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\"u\n\x0fOccupationSkill\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x13\n\x0bspecificity\x18\x04 \x01(\x02\x12\x10\n\x08\x65vidence\x18\x05 \x01(\t\x12\x10\n\x08label_fr\x18\x06 \x01(\t\"\x94\x01\n\x15GetOccupationResponse\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0f\n\x07sectors\x18\x03 \x03(\t\x12\x0e\n\x06titles\x18\x04 \x03(\t\x12\r\n\x05tasks\x18\x05 \x03(\t\x12.\n\x06skills\x18\x06 \x03(\x0b\x32\x1e.openemploi.v1.OccupationSkill\"R\n\x19SuggestTransitionsRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06skills\x18\x03 \x03(\t\x12\t\n\x01k\x18\x04 \x01(\x05\"\xf7\x01\n\nTransition\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x1b\n\x13transferable_skills\x18\x04 \x03(\t\x12\x16\n\x0emissing_skills\x18\x05 \x03(\t\x12\x15\n\rskill_overlap\x18\x06 \x01(\x02\x12\x11\n\tproximity\x18\x07 \x01(\x02\x12\x13\n\x0bsame_family\x18\x08 \x01(\x08\x12\x0e\n\x06viable\x18\t \x01(\x08\x12\x1e\n\x16transferable_skills_fr\x18\n \x03(\t\x12\x19\n\x11missing_skills_fr\x18\x0b \x03(\t\"r\n\x1aSuggestTransitionsResponse\x12.\n\x0btransitions\x18\x01 \x03(\x0b\x32\x19.openemploi.v1.Transition\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"/\n\x14\x44\x65scribeNeedsRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\"\xe1\x01\n\x15\x44\x65scribeNeedsResponse\x12\x33\n\x0boccupations\x18\x01 \x03(\x0b\x32\x1e.openemploi.v1.OccupationMatch\x12\x35\n\x0etypical_skills\x18\x02 \x03(\x0b\x32\x1d.openemploi.v1.ExtractedSkill\x12\x36\n\x0fspecific_skills\x18\x03 \x03(\x0b\x32\x1d.openemploi.v1.ExtractedSkill\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t2\x8e\x03\n\rSkillsService\x12Z\n\rExtractSkills\x12#.openemploi.v1.ExtractSkillsRequest\x1a$.openemploi.v1.ExtractSkillsResponse\x12Z\n\rGetOccupation\x12#.openemploi.v1.GetOccupationRequest\x1a$.openemploi.v1.GetOccupationResponse\x12i\n\x12SuggestTransitions\x12(.openemploi.v1.SuggestTransitionsRequest\x1a).openemploi.v1.SuggestTransitionsResponse\x12Z\n\rDescribeNeeds\x12#.openemploi.v1.DescribeNeedsRequest\x1a$.openemploi.v1.DescribeNeedsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,25 +35,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXTRACTSKILLSREQUEST']._serialized_start=72
   _globals['_EXTRACTSKILLSREQUEST']._serialized_end=138
   _globals['_EXTRACTEDSKILL']._serialized_start=140
-  _globals['_EXTRACTEDSKILL']._serialized_end=217
-  _globals['_EXTRACTSKILLSRESPONSE']._serialized_start=219
-  _globals['_EXTRACTSKILLSRESPONSE']._serialized_end=327
-  _globals['_GETOCCUPATIONREQUEST']._serialized_start=329
-  _globals['_GETOCCUPATIONREQUEST']._serialized_end=365
-  _globals['_OCCUPATIONSKILL']._serialized_start=367
-  _globals['_OCCUPATIONSKILL']._serialized_end=466
-  _globals['_GETOCCUPATIONRESPONSE']._serialized_start=469
-  _globals['_GETOCCUPATIONRESPONSE']._serialized_end=617
-  _globals['_SUGGESTTRANSITIONSREQUEST']._serialized_start=619
-  _globals['_SUGGESTTRANSITIONSREQUEST']._serialized_end=701
-  _globals['_TRANSITION']._serialized_start=704
-  _globals['_TRANSITION']._serialized_end=892
-  _globals['_SUGGESTTRANSITIONSRESPONSE']._serialized_start=894
-  _globals['_SUGGESTTRANSITIONSRESPONSE']._serialized_end=1008
-  _globals['_DESCRIBENEEDSREQUEST']._serialized_start=1010
-  _globals['_DESCRIBENEEDSREQUEST']._serialized_end=1057
-  _globals['_DESCRIBENEEDSRESPONSE']._serialized_start=1060
-  _globals['_DESCRIBENEEDSRESPONSE']._serialized_end=1285
-  _globals['_SKILLSSERVICE']._serialized_start=1288
-  _globals['_SKILLSSERVICE']._serialized_end=1686
+  _globals['_EXTRACTEDSKILL']._serialized_end=235
+  _globals['_EXTRACTSKILLSRESPONSE']._serialized_start=237
+  _globals['_EXTRACTSKILLSRESPONSE']._serialized_end=345
+  _globals['_GETOCCUPATIONREQUEST']._serialized_start=347
+  _globals['_GETOCCUPATIONREQUEST']._serialized_end=383
+  _globals['_OCCUPATIONSKILL']._serialized_start=385
+  _globals['_OCCUPATIONSKILL']._serialized_end=502
+  _globals['_GETOCCUPATIONRESPONSE']._serialized_start=505
+  _globals['_GETOCCUPATIONRESPONSE']._serialized_end=653
+  _globals['_SUGGESTTRANSITIONSREQUEST']._serialized_start=655
+  _globals['_SUGGESTTRANSITIONSREQUEST']._serialized_end=737
+  _globals['_TRANSITION']._serialized_start=740
+  _globals['_TRANSITION']._serialized_end=987
+  _globals['_SUGGESTTRANSITIONSRESPONSE']._serialized_start=989
+  _globals['_SUGGESTTRANSITIONSRESPONSE']._serialized_end=1103
+  _globals['_DESCRIBENEEDSREQUEST']._serialized_start=1105
+  _globals['_DESCRIBENEEDSREQUEST']._serialized_end=1152
+  _globals['_DESCRIBENEEDSRESPONSE']._serialized_start=1155
+  _globals['_DESCRIBENEEDSRESPONSE']._serialized_end=1380
+  _globals['_SKILLSSERVICE']._serialized_start=1383
+  _globals['_SKILLSSERVICE']._serialized_end=1781
 # @@protoc_insertion_point(module_scope)

@@ -18,16 +18,18 @@ class ExtractSkillsRequest(_message.Message):
     def __init__(self, text: _Optional[str] = ..., k: _Optional[int] = ..., min_score: _Optional[float] = ...) -> None: ...
 
 class ExtractedSkill(_message.Message):
-    __slots__ = ("uri", "label", "score", "evidence")
+    __slots__ = ("uri", "label", "score", "evidence", "label_fr")
     URI_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FR_FIELD_NUMBER: _ClassVar[int]
     uri: str
     label: str
     score: float
     evidence: str
-    def __init__(self, uri: _Optional[str] = ..., label: _Optional[str] = ..., score: _Optional[float] = ..., evidence: _Optional[str] = ...) -> None: ...
+    label_fr: str
+    def __init__(self, uri: _Optional[str] = ..., label: _Optional[str] = ..., score: _Optional[float] = ..., evidence: _Optional[str] = ..., label_fr: _Optional[str] = ...) -> None: ...
 
 class ExtractSkillsResponse(_message.Message):
     __slots__ = ("skills", "model", "model_version")
@@ -46,18 +48,20 @@ class GetOccupationRequest(_message.Message):
     def __init__(self, code: _Optional[str] = ...) -> None: ...
 
 class OccupationSkill(_message.Message):
-    __slots__ = ("uri", "label", "score", "specificity", "evidence")
+    __slots__ = ("uri", "label", "score", "specificity", "evidence", "label_fr")
     URI_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     SPECIFICITY_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FR_FIELD_NUMBER: _ClassVar[int]
     uri: str
     label: str
     score: float
     specificity: float
     evidence: str
-    def __init__(self, uri: _Optional[str] = ..., label: _Optional[str] = ..., score: _Optional[float] = ..., specificity: _Optional[float] = ..., evidence: _Optional[str] = ...) -> None: ...
+    label_fr: str
+    def __init__(self, uri: _Optional[str] = ..., label: _Optional[str] = ..., score: _Optional[float] = ..., specificity: _Optional[float] = ..., evidence: _Optional[str] = ..., label_fr: _Optional[str] = ...) -> None: ...
 
 class GetOccupationResponse(_message.Message):
     __slots__ = ("code", "label", "sectors", "titles", "tasks", "skills")
@@ -88,7 +92,7 @@ class SuggestTransitionsRequest(_message.Message):
     def __init__(self, code: _Optional[str] = ..., text: _Optional[str] = ..., skills: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ...) -> None: ...
 
 class Transition(_message.Message):
-    __slots__ = ("code", "label", "score", "transferable_skills", "missing_skills", "skill_overlap", "proximity", "same_family", "viable")
+    __slots__ = ("code", "label", "score", "transferable_skills", "missing_skills", "skill_overlap", "proximity", "same_family", "viable", "transferable_skills_fr", "missing_skills_fr")
     CODE_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +102,8 @@ class Transition(_message.Message):
     PROXIMITY_FIELD_NUMBER: _ClassVar[int]
     SAME_FAMILY_FIELD_NUMBER: _ClassVar[int]
     VIABLE_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERABLE_SKILLS_FR_FIELD_NUMBER: _ClassVar[int]
+    MISSING_SKILLS_FR_FIELD_NUMBER: _ClassVar[int]
     code: str
     label: str
     score: float
@@ -107,7 +113,9 @@ class Transition(_message.Message):
     proximity: float
     same_family: bool
     viable: bool
-    def __init__(self, code: _Optional[str] = ..., label: _Optional[str] = ..., score: _Optional[float] = ..., transferable_skills: _Optional[_Iterable[str]] = ..., missing_skills: _Optional[_Iterable[str]] = ..., skill_overlap: _Optional[float] = ..., proximity: _Optional[float] = ..., same_family: _Optional[bool] = ..., viable: _Optional[bool] = ...) -> None: ...
+    transferable_skills_fr: _containers.RepeatedScalarFieldContainer[str]
+    missing_skills_fr: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, code: _Optional[str] = ..., label: _Optional[str] = ..., score: _Optional[float] = ..., transferable_skills: _Optional[_Iterable[str]] = ..., missing_skills: _Optional[_Iterable[str]] = ..., skill_overlap: _Optional[float] = ..., proximity: _Optional[float] = ..., same_family: _Optional[bool] = ..., viable: _Optional[bool] = ..., transferable_skills_fr: _Optional[_Iterable[str]] = ..., missing_skills_fr: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SuggestTransitionsResponse(_message.Message):
     __slots__ = ("transitions", "model", "model_version")
