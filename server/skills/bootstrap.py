@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from tqdm import tqdm
@@ -81,57 +81,66 @@ async def _embed_all(
             bar.update(len(result.normalized))
 
 
+@dataclass(frozen=True)
+class _Part:
+    """One kind of entry of the collection: what is embedded, how, under which ids."""
+
+    ids: list[str]
+    texts: list[str]
+    kind: TextKind
+    metadata: list[dict]
+
+
+def _parts(skills: list[Skill], lines: list[str]) -> list[_Part]:
+    """Descriptions and English labels as passages; French wordings and catalogue lines as queries, as clauses are."""
+    return [
+        _Part(
+            [s.uri for s in skills],
+            [s.description for s in skills],
+            TextKind.PASSAGE,
+            [{"kind": "esco", "label": s.label} for s in skills],
+        ),
+        _Part(
+            [f"{LABEL_ID}{s.uri}" for s in skills],
+            [s.label for s in skills],
+            TextKind.PASSAGE,
+            [{"kind": "esco_label"}] * len(skills),
+        ),
+        _Part(
+            [f"{FRENCH_ID}{s.uri}" for s in skills],
+            [s.french for s in skills],
+            TextKind.QUERY,
+            [{"kind": "esco_french"}] * len(skills),
+        ),
+        _Part([f"{LINE_ID}{i}" for i in range(len(lines))], lines, TextKind.QUERY, [{"kind": "rome_line"}] * len(lines)),
+    ]
+
+
 async def _index(
     collection: CollectionLike, model: LoadedModel, skills: list[Skill], lines: list[str], progress: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> list[np.ndarray]:
     """(description, label, French and line vectors), each row as embedded, also stored in the collection."""
-    descriptions = np.zeros((len(skills), model.dim), np.float32)
-    labels = np.zeros((len(skills), model.dim), np.float32)
-    french = np.zeros((len(skills), model.dim), np.float32)
-    line_vectors = np.zeros((len(lines), model.dim), np.float32)
-    total = 3 * len(skills) + len(lines)
-    bar = tqdm(total=total, desc=f"indexing {collection.spec.name}", unit="entry", disable=not progress)
-
-    async def store_descriptions(start: int, vectors: np.ndarray) -> None:
-        descriptions[start : start + len(vectors)] = vectors
-        documents = [
-            NewDocument(s.uri, s.description, v, {"kind": "esco", "label": s.label})
-            for s, v in zip(skills[start : start + len(vectors)], vectors)
-        ]
-        await asyncio.to_thread(collection.upsert, documents)
-
-    async def store_labels(start: int, vectors: np.ndarray) -> None:
-        labels[start : start + len(vectors)] = vectors
-        documents = [
-            NewDocument(f"{LABEL_ID}{s.uri}", s.label, v, {"kind": "esco_label"})
-            for s, v in zip(skills[start : start + len(vectors)], vectors)
-        ]
-        await asyncio.to_thread(collection.upsert, documents)
-
-    async def store_french(start: int, vectors: np.ndarray) -> None:
-        french[start : start + len(vectors)] = vectors
-        documents = [
-            NewDocument(f"{FRENCH_ID}{s.uri}", s.french, v, {"kind": "esco_french"})
-            for s, v in zip(skills[start : start + len(vectors)], vectors)
-        ]
-        await asyncio.to_thread(collection.upsert, documents)
-
-    async def store_lines(start: int, vectors: np.ndarray) -> None:
-        line_vectors[start : start + len(vectors)] = vectors
-        documents = [
-            NewDocument(f"{LINE_ID}{start + i}", line, v, {"kind": "rome_line"})
-            for i, (line, v) in enumerate(zip(lines[start : start + len(vectors)], vectors))
-        ]
-        await asyncio.to_thread(collection.upsert, documents)
-
+    parts = _parts(skills, lines)
+    matrices = [np.zeros((len(part.ids), model.dim), np.float32) for part in parts]
+    bar = tqdm(total=sum(len(p.ids) for p in parts), desc=f"indexing {collection.spec.name}", unit="entry", disable=not progress)
     try:
-        await _embed_all(model, [s.description for s in skills], TextKind.PASSAGE, bar, store_descriptions)
-        await _embed_all(model, [s.label for s in skills], TextKind.PASSAGE, bar, store_labels)
-        await _embed_all(model, [s.french for s in skills], TextKind.QUERY, bar, store_french)  # French to French
-        await _embed_all(model, lines, TextKind.QUERY, bar, store_lines)  # as clauses are: mapped like one
+        for part, matrix in zip(parts, matrices):
+
+            async def store(start: int, vectors: np.ndarray, part: _Part = part, matrix: np.ndarray = matrix) -> None:
+                end = start + len(vectors)
+                matrix[start:end] = vectors
+                documents = [
+                    NewDocument(doc_id, text, vector, meta)
+                    for doc_id, text, vector, meta in zip(
+                        part.ids[start:end], part.texts[start:end], vectors, part.metadata[start:end]
+                    )
+                ]
+                await asyncio.to_thread(collection.upsert, documents)
+
+            await _embed_all(model, part.texts, part.kind, bar, store)
     finally:
         bar.close()
-    return descriptions, labels, french, line_vectors
+    return matrices
 
 
 def _read_vectors(collection: CollectionLike, ids: list[str], dim: int) -> np.ndarray:
@@ -172,17 +181,13 @@ async def ensure_skills_collection(
     except CollectionNotFound:
         pass
     if collection is not None:
-        descriptions = await asyncio.to_thread(_read_vectors, collection, [s.uri for s in skills], model.dim)
-        labels = await asyncio.to_thread(_read_vectors, collection, [f"{LABEL_ID}{s.uri}" for s in skills], model.dim)
-        french = await asyncio.to_thread(_read_vectors, collection, [f"{FRENCH_ID}{s.uri}" for s in skills], model.dim)
-        line_vectors = await asyncio.to_thread(_read_vectors, collection, [f"{LINE_ID}{i}" for i in range(len(lines))], model.dim)
+        matrices = [await asyncio.to_thread(_read_vectors, collection, part.ids, model.dim) for part in _parts(skills, lines)]
         line_skills, neighbours = decode_map(collection.store.get_info(MAP_KEY), skills)
-        space = _space(skills, descriptions, labels, french, line_vectors)
+        space = _space(skills, *matrices)
     else:
         spec = CollectionSpec(name, model.name, model.version.version, model.dim, IndexParams(kind="flat"))
         collection = await asyncio.to_thread(manager.create, spec)
-        descriptions, labels, french, line_vectors = await _index(collection, model, skills, lines, progress)
-        space = _space(skills, descriptions, labels, french, line_vectors)
+        space = _space(skills, *await _index(collection, model, skills, lines, progress))
         line_skills, neighbours = await asyncio.to_thread(map_catalogue, space, params)
         collection.store.set_info({"skills_version": version, MAP_KEY: encode_map(line_skills, neighbours, skills)})
         await asyncio.to_thread(collection.snapshot)
