@@ -23,7 +23,7 @@ from pathlib import Path
 
 DATA_DIR = Path(__file__).parent / "data"
 SKILLS_FILE = "esco_skills.csv.gz"
-FRENCH_FILE = "esco_skills_fr.tsv.gz"  # uri, label, alternatives (" | " between them)
+FRENCH_FILE = "esco_skills_fr.tsv.gz"  # uri, label, alternatives, usage (" | " between items)
 SKILL_URI_PREFIX = "http://data.europa.eu/esco/skill/"
 
 # A definition starts at a capitalised word (then lower case) that is not the first word: labels are
@@ -54,13 +54,16 @@ class Skill:
     labels: str  # preferred and alternative labels, as one run of text
     definition: str
     label_fr: str = ""  # the team's French label ("conduire un chariot élévateur")
-    alternatives_fr: tuple[str, ...] = ()  # everyday French wordings of the same skill
+    alternatives_fr: tuple[str, ...] = ()  # other French wordings of the same skill ("utiliser un chariot élévateur")
+    # How people say it: in the first person, as a CV or an ad writes it, and the job title whose core it
+    # is, if any ("je conduis des chariots élévateurs", "conduite de chariots élévateurs", "cariste").
+    usage_fr: tuple[str, ...] = ()
 
     @property
     def french(self) -> str:
-        """The French label and wordings as one text: what is embedded for matching French words.
+        """The French label, wordings and usage as one text: what is embedded for matching French words.
         The English label stands in where a skill has no French one (a data file from elsewhere)."""
-        return ", ".join((self.label_fr, *self.alternatives_fr)) if self.label_fr else self.label
+        return ", ".join((self.label_fr, *self.alternatives_fr, *self.usage_fr)) if self.label_fr else self.label
 
     @property
     def description(self) -> str:
@@ -183,17 +186,21 @@ def read_rows(data_dir: Path = DATA_DIR) -> list[tuple[str, str]]:
     return [(row["id"], row["description"]) for row in csv.DictReader(io.StringIO(raw, newline=""))]
 
 
-def read_french(data_dir: Path = DATA_DIR) -> dict[str, tuple[str, tuple[str, ...]]]:
-    """{uri: (French label, alternatives)}; empty when the folder has no French file."""
+def read_french(data_dir: Path = DATA_DIR) -> dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """{uri: (French label, alternatives, usage)}; empty when the folder has no French file. A file
+    without the usage column (ESCO's own French labels, say) reads with empty usage."""
     path = data_dir / FRENCH_FILE
     if not path.is_file():
         return {}
     raw = gzip.decompress(path.read_bytes()).decode("utf-8")
-    french: dict[str, tuple[str, tuple[str, ...]]] = {}
+    french: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {}
     for row in csv.DictReader(io.StringIO(raw, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE):
-        alternatives = tuple(a.strip() for a in (row["alternatives"] or "").split("|") if a.strip())
-        french[row["uri"]] = (row["label"].strip(), alternatives)
+        french[row["uri"]] = (row["label"].strip(), _items(row.get("alternatives")), _items(row.get("usage")))
     return french
+
+
+def _items(cell: str | None) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (cell or "").split("|") if item.strip())
 
 
 def load_skills(data_dir: Path = DATA_DIR) -> list[Skill]:
@@ -209,7 +216,7 @@ def load_skills(data_dir: Path = DATA_DIR) -> list[Skill]:
             preferred_label(words, stats) or definition[:60],
             labels or definition[:200],
             definition,
-            *french.get(uri, ("", ())),
+            *french.get(uri, ("", (), ())),
         )
         for (uri, _), (labels, definition), words in zip(rows, parts, runs)
     ]

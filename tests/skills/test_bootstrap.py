@@ -19,9 +19,11 @@ def test_a_skill_is_embedded_as_its_description_and_its_preferred_label():
     assert Skill("u", "bake", "bake", "").description == "bake"
 
 
-def test_a_skill_is_embedded_in_french_as_its_label_and_wordings():
-    skill = Skill("u", "operate forklift", "operate forklift", "", "conduire un chariot élévateur", ("cariste",))
-    assert skill.french == "conduire un chariot élévateur, cariste"
+def test_a_skill_is_embedded_in_french_as_its_label_wordings_and_usage():
+    skill = Skill(
+        "u", "operate forklift", "operate forklift", "", "conduire un chariot élévateur", ("utiliser un chariot",), ("cariste",)
+    )
+    assert skill.french == "conduire un chariot élévateur, utiliser un chariot, cariste"
     assert Skill("u", "bake", "bake", "").french == "bake"  # no French wordings: the English label stands in
 
 

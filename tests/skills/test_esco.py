@@ -121,10 +121,21 @@ def test_every_skill_has_a_french_label_from_the_shipped_file(skills):
     same = [s.label for s in skills.values() if s.label_fr == s.label]  # names: "Java", "SAP R3", "Oracle WebLogic"
     assert len(same) < 0.05 * len(skills)
     assert skills[SKILL_URI_PREFIX + "2592d0a3-a6ab-44f7-ac29-c145b4ad81c8"].french.startswith("inspecter")  # inspect cargo
-    assert all("|" not in a and a.strip() == a and a for s in skills.values() for a in s.alternatives_fr)
+    assert all("|" not in a and a.strip() == a and a for s in skills.values() for a in (*s.alternatives_fr, *s.usage_fr))
+    assert sum(1 for s in skills.values() if s.usage_fr) > 0.99 * len(skills)  # how people say it, nearly all
+    forklift = next(s for s in skills.values() if s.label_fr == "conduire un chariot élévateur")
+    assert "cariste" in forklift.french and "je conduis un chariot élévateur" in forklift.usage_fr
     assert hashlib.sha256((DATA_DIR / FRENCH_FILE).read_bytes()).hexdigest() in (DATA_DIR / "PROVENANCE.md").read_text(
         encoding="utf-8"
     )
+
+
+def test_a_french_file_without_usage_reads_with_empty_usage(tmp_path: Path):
+    """ESCO's own French labels, dropped in with the label and alternatives columns only, still load."""
+    (tmp_path / FRENCH_FILE).write_bytes(
+        gzip.compress("uri\tlabel\talternatives\nu1\tsouder à l'arc\tsoudage | soudure\n".encode())
+    )
+    assert read_french(tmp_path) == {"u1": ("souder à l'arc", ("soudage", "soudure"), ())}
 
 
 def test_the_skills_version_follows_the_french_file(tmp_path: Path):
