@@ -75,9 +75,9 @@ LABEL_WEIGHT = 1.0
 FRENCH_WEIGHT = 2.5
 
 
-def skill_matrix(descriptions: np.ndarray, labels: np.ndarray, french: np.ndarray | None = None) -> np.ndarray:
+def skill_matrix(descriptions: np.ndarray, labels: np.ndarray, french: np.ndarray) -> np.ndarray:
     """Each skill's centred description, English label and French vectors (esco.Skill.french: label,
-    wordings and usage), weighted 1 : 1 : 2.5 (1 : 1 without French): one product gives the weighted
+    wordings and usage), weighted 1 : 1 : 2.5: one product gives the weighted
     mean of the three cosines.
 
     The description carries the definition's words, the label the exact phrase, the French side the
@@ -88,17 +88,10 @@ def skill_matrix(descriptions: np.ndarray, labels: np.ndarray, french: np.ndarra
     same text, weight 2.5: 0.822 / 0.536 (1.5: 0.804, 3.5: 0.813, 5: 0.804 hit@5); as a fourth
     vector of its own instead, 0.738-0.748.
     """
-    parts = [
-        (DESCRIPTION_WEIGHT, centre(descriptions, descriptions.mean(axis=0))),
-        (LABEL_WEIGHT, centre(labels, labels.mean(axis=0))),
-    ]
-    if french is not None:
-        parts.append((FRENCH_WEIGHT, centre(french, french.mean(axis=0))))
-    total = sum(weight for weight, _ in parts)
-    matrix = np.zeros_like(parts[0][1])
-    for weight, vectors in parts:
-        matrix += (weight / total) * vectors
-    return matrix.astype(np.float32)
+    weights = (DESCRIPTION_WEIGHT, LABEL_WEIGHT, FRENCH_WEIGHT)
+    parts = (descriptions, labels, french)
+    matrix = sum(w / sum(weights) * centre(vectors, vectors.mean(axis=0)) for w, vectors in zip(weights, parts))
+    return np.asarray(matrix, np.float32)
 
 
 def text_vector(clauses: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -64,7 +64,7 @@ def test_lines_map_to_their_skills_and_near_duplicates_pair_up():
     labels = descriptions + 0.01
     skills = [Skill(f"http://data.europa.eu/esco/skill/{i}", str(i), str(i), "") for i in range(5)]
     lines = centre(np.stack([descriptions[0], descriptions[2]]), np.zeros(16, np.float32))
-    space = SkillSpace(skills, skill_matrix(descriptions, labels), np.zeros(16, np.float32), lines)
+    space = SkillSpace(skills, skill_matrix(descriptions, labels, labels), np.zeros(16, np.float32), lines)
     line_skills, neighbours = map_catalogue(space, ProfileParams(per_line=2, min_score=0.5, near_duplicate=0.9))
     assert {s for s, _ in line_skills[0]} == {0, 4} and [s for s, _ in line_skills[1]] == [2]
     assert neighbours[0] == [4] and neighbours[4] == [0] and neighbours[2] == []
