@@ -34,39 +34,67 @@ def default_version(model_repository: ModelRepository) -> ModelVersion:
 
 
 CATALOGUES = Path(os.environ.get("OPENEMPLOI_TEST_CATALOGUES", REPO_ROOT / ".cache" / "test-catalogues"))
+CATALOGUE_FIXTURE = "catalogues"
 
 
-@pytest.fixture(scope="session")
-def catalogues(default_version: ModelVersion) -> Path:
-    """`rome` and `esco_skills`, indexed once for every test that needs a catalogue (minutes on 2 cores).
+class CatalogueBuild:
+    """`openemploi index-catalogues` into CATALOGUES, as a production start indexes: `rome` and `esco_skills`.
 
-    Kept across sessions in a git-ignored folder: `openemploi index-catalogues` re-indexes only when the
-    data or the model version changed, as a production start does. A lock lets one session build it.
-    Tests never serve this folder itself: they take a `catalogue_copy`.
+    Kept across sessions in a git-ignored folder, so it re-indexes only when the data or the model
+    version changed. A cold build takes minutes on 2 cores, so the session starts it in the
+    background, niced, as soon as collection shows a test will need it, and runs the tests that do
+    not need it meanwhile (they are ordered first). A lock lets one session build at a time.
     """
-    CATALOGUES.mkdir(parents=True, exist_ok=True)
-    with open(CATALOGUES.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+
+    def __init__(self, model: str) -> None:
+        self.log = CATALOGUES.with_suffix(".log")
+        CATALOGUES.mkdir(parents=True, exist_ok=True)
+        self._lock = open(CATALOGUES.with_suffix(".lock"), "w")  # noqa: SIM115 (held until wait or stop)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         env = {k: v for k, v in os.environ.items() if not k.startswith("OPENEMPLOI_")}
         env.update(
             OPENEMPLOI_COLLECTIONS_DIR=str(CATALOGUES),
             OPENEMPLOI_ROME_COLLECTION="true",
             OPENEMPLOI_SKILLS_COLLECTION="true",
             OPENEMPLOI_PROGRESS="false",
-            OPENEMPLOI_DEFAULT_MODEL=default_version.name,
-            OPENEMPLOI_MODELS=default_version.name,
+            OPENEMPLOI_DEFAULT_MODEL=model,
+            OPENEMPLOI_MODELS=model,
         )
-        command = [
-            sys.executable,
-            "-P",
-            "-m",
-            "openemploi.cli",
-            "index-catalogues",
-            "--model-repository",
-            str(REPO_ROOT / "models"),
-        ]
-        subprocess.run(command, env=env, cwd=REPO_ROOT, check=True, timeout=3600)
-    return CATALOGUES
+        command = ["nice", "-n", "10", sys.executable, "-P", "-m", "openemploi.cli", "index-catalogues"]
+        command += ["--model-repository", str(REPO_ROOT / "models")]
+        with open(self.log, "w") as log:
+            self._process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait(self, timeout_s: float = 3600) -> Path:
+        try:
+            code = self._process.wait(timeout=timeout_s)
+        finally:
+            self.stop()
+        if code != 0:
+            tail = self.log.read_text(errors="replace")[-4000:]
+            raise RuntimeError(f"index-catalogues exited with {code}; the end of {self.log}:\n{tail}")
+        return CATALOGUES
+
+    def stop(self) -> None:
+        if self._process.poll() is None:
+            self._process.terminate()
+            self._process.wait(timeout=60)
+        self._lock.close()
+
+
+CATALOGUE_BUILD = pytest.StashKey[CatalogueBuild]()
+
+
+@pytest.fixture(scope="session")
+def catalogues(default_version: ModelVersion, request: pytest.FixtureRequest) -> Path:
+    """`rome` and `esco_skills`, indexed once for every test that needs a catalogue (CatalogueBuild).
+
+    Tests never serve this folder itself: they take a `catalogue_copy`.
+    """
+    stash = request.config.stash
+    build = stash[CATALOGUE_BUILD] if CATALOGUE_BUILD in stash else CatalogueBuild(default_version.name)
+    stash[CATALOGUE_BUILD] = build
+    return build.wait()
 
 
 @pytest.fixture(scope="session")
@@ -106,14 +134,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
         if path.name in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+    waits = {item.path for item in items if _needs_catalogues(item)}
+    items.sort(key=lambda item: item.path in waits)  # stable: whole modules move, their fixtures set up once
+
+
+def _needs_catalogues(item: pytest.Item) -> bool:
+    return CATALOGUE_FIXTURE in getattr(item, "fixturenames", ())
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """The repo root on sys.path puts its `kernels/` folder in place of the `kernels` distribution
-    transformers imports: tests would then test a tree no user runs. `make test` uses `python -P`."""
+    """Refuses a repo root on sys.path, then starts the catalogues' build when a selected test needs them.
+
+    The repo root on sys.path puts its `kernels/` folder in place of the `kernels` distribution
+    transformers imports: tests would then test a tree no user runs. `make test` uses `python -P`.
+    """
     shadowing = [entry for entry in sys.path if Path(entry or ".").resolve() == REPO_ROOT]
     if shadowing:
         raise pytest.UsageError(
             "the repository root is on sys.path (run `python -P -m pytest`, and never add the root to sys.path "
             "in a test or a benchmark): its kernels/ folder shadows the installed `kernels` distribution"
         )
+    if any(_needs_catalogues(item) for item in session.items) and not session.config.option.collectonly:
+        try:
+            ModelRepository(REPO_ROOT / "models").latest(DEFAULT_MODEL)
+        except ModelNotBuilt:
+            return  # the `default_version` fixture builds it first; `catalogues` then builds in the foreground
+        session.config.stash[CATALOGUE_BUILD] = CatalogueBuild(DEFAULT_MODEL)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if CATALOGUE_BUILD in session.config.stash:
+        session.config.stash[CATALOGUE_BUILD].stop()
