@@ -28,7 +28,6 @@ from ..tokenize import TextKind
 from .engine import SkillsEngine
 from .esco import Skill, load_skills, skills_version
 from .extract import (
-    DESCRIPTION_WEIGHT,
     FRENCH_WEIGHT,
     LABEL_WEIGHT,
     ExtractParams,
@@ -37,6 +36,7 @@ from .extract import (
     map_lines,
     skill_matrix,
 )
+from .lexical import LexicalIndex
 from .profiles import ProfileParams, derive_profiles, near_duplicates, occupation_lines
 from .transitions import TransitionParams
 
@@ -44,14 +44,9 @@ log = logging.getLogger(__name__)
 BATCH = 64
 IN_FLIGHT = 8
 # What is embedded and how it is combined: part of the re-index key, so that a change here re-indexes
-# production and the test catalogues. Each skill three times: as passages its full description (id:
-# URI) and its preferred label (id: LABEL_ID + URI), as a query its French wordings (FRENCH_ID + URI);
-# each French catalogue line as a query, as clauses are.
-INDEX_RECIPE = (
-    "skills-3:passage(description),passage(label),query(french),"
-    f"centred-mean({DESCRIPTION_WEIGHT}:{LABEL_WEIGHT}:{FRENCH_WEIGHT});lines:query"
-)
-LABEL_ID = "esco-label:"
+# production and the test catalogues. Each skill twice: as a passage its preferred label (id: URI),
+# as a query its French wordings (FRENCH_ID + URI); each French catalogue line as a query, as clauses are.
+INDEX_RECIPE = f"skills-4:passage(label),query(french),centred-mean({LABEL_WEIGHT}:{FRENCH_WEIGHT});lines:query"
 FRENCH_ID = "esco-fr:"
 LINE_ID = "rome-line:"
 MAP_KEY = "skills_map"
@@ -92,19 +87,13 @@ class _Part:
 
 
 def _parts(skills: list[Skill], lines: list[str]) -> list[_Part]:
-    """Descriptions and English labels as passages; French wordings and catalogue lines as queries, as clauses are."""
+    """English labels as passages; French wordings and catalogue lines as queries, as clauses are."""
     return [
         _Part(
             [s.uri for s in skills],
-            [s.description for s in skills],
-            TextKind.PASSAGE,
-            [{"kind": "esco", "label": s.label} for s in skills],
-        ),
-        _Part(
-            [f"{LABEL_ID}{s.uri}" for s in skills],
             [s.label for s in skills],
             TextKind.PASSAGE,
-            [{"kind": "esco_label"}] * len(skills),
+            [{"kind": "esco", "label": s.label} for s in skills],
         ),
         _Part(
             [f"{FRENCH_ID}{s.uri}" for s in skills],
@@ -119,7 +108,7 @@ def _parts(skills: list[Skill], lines: list[str]) -> list[_Part]:
 async def _index(
     collection: CollectionLike, model: LoadedModel, skills: list[Skill], lines: list[str], progress: bool
 ) -> list[np.ndarray]:
-    """(description, label, French and line vectors), each row as embedded, also stored in the collection."""
+    """(label, French and line vectors), each row as embedded, also stored in the collection."""
     parts = _parts(skills, lines)
     matrices = [np.zeros((len(part.ids), model.dim), np.float32) for part in parts]
     bar = tqdm(total=sum(len(p.ids) for p in parts), desc=f"indexing {collection.spec.name}", unit="entry", disable=not progress)
@@ -207,13 +196,12 @@ async def ensure_skills_collection(
     return collection, engine
 
 
-def _space(
-    skills: list[Skill], descriptions: np.ndarray, labels: np.ndarray, french: np.ndarray, line_vectors: np.ndarray
-) -> SkillSpace:
+def _space(skills: list[Skill], labels: np.ndarray, french: np.ndarray, line_vectors: np.ndarray) -> SkillSpace:
     """The French side's mean comes from the catalogue's lines: many, varied, and never the texts scored."""
-    mean = line_vectors.mean(axis=0) if len(line_vectors) else np.zeros(descriptions.shape[1], np.float32)
+    mean = line_vectors.mean(axis=0) if len(line_vectors) else np.zeros(labels.shape[1], np.float32)
     mean = mean.astype(np.float32)
-    return SkillSpace(skills, skill_matrix(descriptions, labels, french), mean, centre(line_vectors, mean))
+    words = LexicalIndex.build([s.french for s in skills])
+    return SkillSpace(skills, skill_matrix(labels, french), mean, centre(line_vectors, mean), words)
 
 
 def map_catalogue(space: SkillSpace, params: ProfileParams) -> tuple[list[list[tuple[int, float]]], dict[int, list[int]]]:

@@ -74,8 +74,7 @@ class SkillsEngine:
 
     def extract(self, clauses: list[str], clause_vectors: np.ndarray, k: int, min_score: float | None = None) -> list[Extracted]:
         """A text's clauses and their raw QUERY vectors, as the API embedded them."""
-        weights = np.fromiter((len(c) for c in clauses), np.float32, len(clauses))
-        return extract(self.space, clause_vectors, weights, k, self.extract_params, min_score)
+        return extract(self.space, clauses, clause_vectors, k, self.extract_params, min_score)
 
     def skill_index(self, uri: str) -> int:
         if uri not in self.uri_index:

@@ -65,11 +65,6 @@ class Skill:
         The English label stands in where a skill has no French one (a data file from elsewhere)."""
         return ", ".join((self.label_fr, *self.alternatives_fr, *self.usage_fr)) if self.label_fr else self.label
 
-    @property
-    def description(self) -> str:
-        """Labels and definition as the source runs them together: what is embedded for the skill's meaning."""
-        return " ".join(part for part in (self.labels, self.definition) if part)
-
 
 @dataclass(frozen=True)
 class LabelStats:

@@ -210,6 +210,6 @@ def test_scopes_read_only_and_the_collection_is_managed(channel, as_):
     index = ipb_grpc.IndexServiceStub(channel)
     collections = index.ListCollections(ipb.ListCollectionsRequest(), timeout=30, metadata=as_("reader")).collections
     esco = [c for c in collections if c.name == "esco_skills"]
-    assert esco and esco[0].size == 3 * 13_939 + len(catalogue_lines(load_catalogue()))  # description, label, French
+    assert esco and esco[0].size == 2 * 13_939 + len(catalogue_lines(load_catalogue()))  # label, French
     upsert = ipb.UpsertRequest(collection="esco_skills", documents=[ipb.Document(id="x", text="faux")])
     expect(lambda: index.Upsert(upsert, timeout=30, metadata=as_("writer")), grpc.StatusCode.PERMISSION_DENIED)

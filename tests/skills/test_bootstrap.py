@@ -10,13 +10,8 @@ from openemploi.skills import bootstrap
 from openemploi.skills.bootstrap import catalogue_lines, data_version, decode_map, encode_map, map_catalogue
 from openemploi.skills.esco import Skill
 from openemploi.skills.extract import SkillSpace, centre, skill_matrix
+from openemploi.skills.lexical import LexicalIndex
 from openemploi.skills.profiles import ProfileParams
-
-
-def test_a_skill_is_embedded_as_its_description_and_its_preferred_label():
-    skill = Skill("u", "drive forklifts", "drive forklifts operate forklift trucks", "Operate a forklift.")
-    assert skill.description == "drive forklifts operate forklift trucks Operate a forklift."
-    assert Skill("u", "bake", "bake", "").description == "bake"
 
 
 def test_a_skill_is_embedded_in_french_as_its_label_wordings_and_usage():
@@ -60,11 +55,12 @@ def test_the_data_version_follows_the_derived_labels():
 def test_lines_map_to_their_skills_and_near_duplicates_pair_up():
     rng = np.random.default_rng(1)
     base = rng.normal(size=(4, 16)).astype(np.float32)
-    descriptions = np.concatenate([base, base[:1] + 0.05 * rng.normal(size=(1, 16)).astype(np.float32)])  # 4 ~ 0
-    labels = descriptions + 0.01
+    labels = np.concatenate([base, base[:1] + 0.05 * rng.normal(size=(1, 16)).astype(np.float32)])  # 4 ~ 0
+    french = labels + 0.01
     skills = [Skill(f"http://data.europa.eu/esco/skill/{i}", str(i), str(i), "") for i in range(5)]
-    lines = centre(np.stack([descriptions[0], descriptions[2]]), np.zeros(16, np.float32))
-    space = SkillSpace(skills, skill_matrix(descriptions, labels, labels), np.zeros(16, np.float32), lines)
+    lines = centre(np.stack([labels[0], labels[2]]), np.zeros(16, np.float32))
+    words = LexicalIndex.build([s.french for s in skills])
+    space = SkillSpace(skills, skill_matrix(labels, french), np.zeros(16, np.float32), lines, words)
     line_skills, neighbours = map_catalogue(space, ProfileParams(per_line=2, min_score=0.5, near_duplicate=0.9))
     assert {s for s, _ in line_skills[0]} == {0, 4} and [s for s, _ in line_skills[1]] == [2]
     assert neighbours[0] == [4] and neighbours[4] == [0] and neighbours[2] == []

@@ -7,7 +7,6 @@ import pytest
 
 from openemploi.skills.esco import Skill
 from openemploi.skills.extract import (
-    DESCRIPTION_WEIGHT,
     FRENCH_WEIGHT,
     LABEL_WEIGHT,
     ExtractParams,
@@ -20,6 +19,7 @@ from openemploi.skills.extract import (
     skill_scores,
     text_vector,
 )
+from openemploi.skills.lexical import LexicalIndex
 
 
 def unit(*values: float) -> np.ndarray:
@@ -35,10 +35,11 @@ def space(mean: np.ndarray | None = None, lines: np.ndarray | None = None) -> Sk
     skills = [Skill(f"http://data.europa.eu/esco/skill/{n}", n, n, "") for n in NAMES]
     vectors = np.stack([unit(1, 0, 0, 0, 0), unit(0.9, 0.44, 0, 0, 0), unit(0, 0, 1, 0, 0), unit(0, 0, 0, 1, 0)])
     mean = np.zeros(5, np.float32) if mean is None else mean
-    return SkillSpace(skills, vectors, mean, np.zeros((0, 5), np.float32) if lines is None else lines)
+    lines = np.zeros((0, 5), np.float32) if lines is None else lines
+    return SkillSpace(skills, vectors, mean, lines, LexicalIndex.build([s.french for s in skills]))
 
 
-PARAMS = ExtractParams(min_score=0.3, clause_weight=0.5)
+PARAMS = ExtractParams(min_score=0.3, clause_weight=0.5, lexical_share=0.0)  # the vector score alone
 
 
 def test_a_clause_moves_towards_its_nearest_catalogue_lines():
@@ -58,9 +59,14 @@ def lengths(*values: int) -> np.ndarray:
     return np.asarray(values, np.float32)
 
 
+def texts(*sizes: int) -> list[str]:
+    """Clauses of these lengths sharing no word with any skill: extraction weighs them by length alone."""
+    return ["z" * size for size in sizes]
+
+
 def test_each_skill_once_with_its_best_clause_as_evidence():
     clauses = np.stack([unit(1, 0.05, 0, 0, 0), unit(0.95, 0.3, 0, 0, 0), unit(0, 0, 1, 0.1, 0)])
-    found = extract(space(), clauses, lengths(20, 20, 20), k=10, params=PARAMS)
+    found = extract(space(), texts(20, 20, 20), clauses, k=10, params=PARAMS)
     skills = [e.skill for e in found]
     assert len(skills) == len(set(skills))
     by_skill = {e.skill: e for e in found}
@@ -71,9 +77,9 @@ def test_each_skill_once_with_its_best_clause_as_evidence():
 
 def test_min_score_and_k_bound_the_answer():
     clauses = np.stack([unit(1, 0.05, 0, 0, 0), unit(0, 0, 1, 0.1, 0)])
-    assert len(extract(space(), clauses, lengths(10, 10), k=1, params=PARAMS)) == 1
-    assert extract(space(), clauses, lengths(10, 10), k=10, params=PARAMS, min_score=0.999) == []
-    assert extract(space(), np.zeros((0, 5), np.float32), lengths(), k=10, params=PARAMS) == []
+    assert len(extract(space(), texts(10, 10), clauses, k=1, params=PARAMS)) == 1
+    assert extract(space(), texts(10, 10), clauses, k=10, params=PARAMS, min_score=0.999) == []
+    assert extract(space(), [], np.zeros((0, 5), np.float32), k=10, params=PARAMS) == []
 
 
 def test_the_whole_text_is_its_clauses_weighted_by_length():
@@ -92,6 +98,21 @@ def test_the_score_blends_the_best_clause_with_the_whole_text():
     assert only_clauses[2] == pytest.approx(1.0) and only_clauses[3] == pytest.approx(1.0)
 
 
+def test_the_words_a_clause_uses_choose_among_skills_near_in_meaning():
+    """ "trucks" is nearer the clause by vector, but the clause names the forklift: the blend ranks it first."""
+    clause = unit(0.93, 0.37, 0, 0, 0)[None, :]
+    by_vector = extract(space(), ["conduite du Forklift"], clause, k=2, params=PARAMS)
+    assert [e.skill for e in by_vector] == [1, 0]
+    blended = ExtractParams(min_score=0.3, clause_weight=0.5, lexical_share=0.3)
+    found = extract(space(), ["conduite du Forklift"], clause, k=2, params=blended)
+    assert [e.skill for e in found] == [0, 1]
+    vector = clause[0] @ space().vectors[0]
+    assert found[0].score == pytest.approx(0.7 * vector + 0.3 * 1.0, abs=1e-5)  # all of "forklift"'s words
+    assert found[1].score == pytest.approx(0.7 * (clause[0] @ space().vectors[1]), abs=1e-5)  # none of "trucks"'
+    shortlisted = ExtractParams(min_score=0.3, clause_weight=0.5, lexical_share=0.3, rerank=1)
+    assert [e.skill for e in extract(space(), ["conduite du Forklift"], clause, k=2, params=shortlisted)] == [1, 0]
+
+
 def test_centring_removes_the_offset_all_french_texts_share():
     """Raw cosines put every clause near every skill along the shared axis; the centred ones do not."""
     clause = unit(0, 0, 1, 0, 3)[None, :]  # "rigour", said in French: mostly the French offset
@@ -99,18 +120,17 @@ def test_centring_removes_the_offset_all_french_texts_share():
     assert (clause @ space().vectors.T)[0, 2] < 0.35  # raw: "rigour" barely shows
     centred = space(mean=offset).centre(clause)
     assert np.allclose(centred, unit(0, 0, 1, 0, 0)[None, :], atol=1e-6)
-    found = extract(space(mean=offset), clause, lengths(8), k=1, params=PARAMS)
+    found = extract(space(mean=offset), texts(8), clause, k=1, params=PARAMS)
     assert found[0].skill == 2 and found[0].score == pytest.approx(1.0, abs=1e-5)
 
 
 def test_skill_matrix_gives_the_weighted_mean_of_the_centred_cosines():
     rng = np.random.default_rng(2)
-    descriptions, labels, french = (rng.normal(size=(6, 8)).astype(np.float32) for _ in range(3))
+    labels, french = (rng.normal(size=(6, 8)).astype(np.float32) for _ in range(2))
     query = unit(*rng.normal(size=8))
-    cosines = [centre(x, x.mean(0)) @ query for x in (descriptions, labels, french)]
-    weights = (DESCRIPTION_WEIGHT, LABEL_WEIGHT, FRENCH_WEIGHT)
-    expected = sum(w * c for w, c in zip(weights, cosines)) / sum(weights)
-    assert np.allclose(skill_matrix(descriptions, labels, french) @ query, expected, atol=1e-6)
+    cosines = [centre(x, x.mean(0)) @ query for x in (labels, french)]
+    expected = (LABEL_WEIGHT * cosines[0] + FRENCH_WEIGHT * cosines[1]) / (LABEL_WEIGHT + FRENCH_WEIGHT)
+    assert np.allclose(skill_matrix(labels, french) @ query, expected, atol=1e-6)
 
 
 def test_map_lines_keeps_the_best_above_the_floor_in_order():
