@@ -40,7 +40,7 @@ class ExtractParams:
     expand_weight: float = 0.5
     # Share of the lexical coverage (lexical.py: the skill's French words one clause holds) in the score of
     # the `rerank` best skills by vector score, the rest the vector score. On the tuning part, hit@5 /
-    # recall@10: 0.822 / 0.536 without, 0.860 / 0.588 at 0.3; 0.85-0.88 / 0.589-0.602 from 0.2 to 0.45.
+    # recall@10: 0.804 / 0.541 without, 0.869 / 0.588 at 0.3; 0.860-0.869 / 0.580-0.595 from 0.2 to 0.5.
     lexical_share: float = 0.3
     rerank: int = 100
 
@@ -87,11 +87,11 @@ def skill_matrix(labels: np.ndarray, french: np.ndarray) -> np.ndarray:
     usage), weighted 1 : 2.5: one product gives the weighted mean of the two cosines.
 
     The label carries ESCO's exact phrase, the French side the words French texts use ("je conduis
-    des chariots élévateurs", "cariste"). ESCO's description (labels and definition, 1.04M tokens
-    to embed, twice the rest) used to be a third vector: on the dev set's tuning part, hit@5 /
-    recall@10 with extraction's lexical share, 0.860 / 0.588 with it at weight 1, 0.869 / 0.588
-    without (0.869 / 0.585 at 0.5); without the lexical share it had lifted 0.598 / 0.390 (French
-    alone) to 0.822 / 0.536. French weight 2 or 3: within 0.003.
+    des chariots élévateurs", "cariste"). ESCO's description (labels and definition: 1.04M tokens to
+    embed, more than everything else indexed) was a third vector. On the dev set's tuning part,
+    hit@5 / recall@10 with extraction's lexical share: 0.860 / 0.588 with it at weight 1, 0.869 /
+    0.585 at 0.5, 0.869 / 0.588 without it. Before the lexical share it had lifted 0.598 / 0.390
+    (French alone) to 0.822 / 0.536. French weight 2 or 3: within 0.003.
     """
     weights = (LABEL_WEIGHT, FRENCH_WEIGHT)
     matrix = sum(w / sum(weights) * centre(vectors, vectors.mean(axis=0)) for w, vectors in zip(weights, (labels, french)))
@@ -149,8 +149,8 @@ def extract(
     """The k best skills at or above the floor, each once, with the clause that supports it best.
 
     The vector score (skill_scores) ranks all skills; the `rerank` best blend in their lexical
-    coverage (lexical.py); the rest keep their vector share alone, so they stay below.
-    A clause weighs in the whole text by its length in characters.
+    coverage (lexical.py), the others keep only the vector share of their score. The evidence is
+    the clause with the best vector score. A clause weighs in the whole text by its length.
     """
     if len(clauses) == 0 or k <= 0:
         return []
