@@ -11,8 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from openemploi.runtime.repository import ModelNotBuilt, ModelRepository, ModelVersion
+
+# Tests never depend on timing: hypothesis's default 200 ms deadline per example fails draws on a busy
+# machine (a cold run indexes the catalogues beside the tests), whatever the behaviour under test.
+settings.register_profile("no-deadline", deadline=None)
+settings.load_profile("no-deadline")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "multilingual-e5-small"
