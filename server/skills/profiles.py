@@ -27,7 +27,7 @@ class ProfileSkill:
 class ProfileParams:
     """Thresholds of the line-to-skill map, set so that a line keeps its one to three clear skills.
 
-    Scores are extraction's (extract.py: skill_matrix). Read by hand on random catalogue lines when
+    Scores are extraction's vector score (extract.py: skill_matrix; no lexical share). Read by hand on random catalogue lines when
     skills had no French side: a paraphrase scored 0.45-0.65, a related skill 0.35-0.45, under 0.34
     mostly unrelated, and 0.35 kept a skill for 82% of the 9,444 lines. Each change of the skill
     matrix since kept that share: 0.37 with the French side, 0.39 without ESCO's descriptions.
@@ -36,9 +36,10 @@ class ProfileParams:
     per_line: int = 3
     min_score: float = 0.39
     # Cosine of two skills' re-normalised skill_matrix rows from which they count as one skill said
-    # twice: mostly true ("labour legislation" / "labour law" 0.83, "animal welfare" / "manage animal
-    # welfare" 0.81), some close relatives ("cure tobacco leaves" / "dry tobacco leaves" 0.83); below
-    # it relatives and a few missed ("3D texturing" / "create 3D texture map" 0.78). Set, when the
+    # twice: mostly true ("labour legislation" / "labour law", "animal welfare" / "manage animal
+    # welfare"), some close relatives ("cure tobacco leaves" / "dry tobacco leaves"); below it
+    # relatives and a few missed ("3D texturing" / "create 3D texture map"), as read when the rows
+    # still held ESCO's descriptions (0.83, 0.81, 0.83 and 0.78 then). Set, when the
     # French side joined the rows, to keep the number of such pairs among the skills lines reach
     # (387 at 0.75 before; 0.786 then; without ESCO's descriptions, 0.787 keeps the same 355).
     near_duplicate: float = 0.79
