@@ -12,7 +12,6 @@ import hashlib
 import json
 import random
 import re
-import unicodedata
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from enum import Enum
 from pathlib import Path
 
 from ..matching.catalogue import Occupation
+from ..skills.lexical import fold
 
 PARAPHRASES = Path(__file__).parent / "data" / "rome_paraphrases.jsonl"
 STYLES = ("seeker", "offer", "cv", "keywords")
@@ -151,13 +151,6 @@ def paraphrase_pairs(path: Path = PARAPHRASES, codes: set[str] | None = None) ->
             raise ValueError(f"{path}:{number}: style must be one of {STYLES}, got {record['style']!r}")
         pairs.append(Pair(record["text"], record["code"], AnchorSource.PARAPHRASE, record["style"]))
     return pairs
-
-
-def fold(text: str) -> str:
-    """Lower case, no accents, one space between alphanumeric runs."""
-    decomposed = unicodedata.normalize("NFKD", text.casefold())
-    bare = "".join(c for c in decomposed if not unicodedata.combining(c))
-    return " ".join(re.findall(r"[0-9a-z]+", bare.replace("œ", "oe").replace("æ", "ae")))
 
 
 def ngrams(text: str, n: int = NGRAM) -> frozenset[str]:

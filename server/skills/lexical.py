@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 STEM_CHARS = 5
-_WORD = re.compile(r"[a-z0-9]+")
+_WORD = re.compile(r"[0-9a-z]+")
 # fmt: off
 STOP_WORDS = frozenset({
     "a", "au", "aux", "avec", "avoir", "ce", "ces", "cette", "dans", "de", "des", "du", "elle", "en", "est", "et",
@@ -33,10 +33,17 @@ STOP_WORDS = frozenset({
 # fmt: on
 
 
+def fold(text: str) -> str:
+    """Lower case, no accents, ligatures spelt out ("main-d'œuvre" -> "main d oeuvre"), one space between
+    alphanumeric runs: how French is typed with or without its accents compares equal."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    bare = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return " ".join(_WORD.findall(bare.replace("œ", "oe").replace("æ", "ae")))
+
+
 def terms(text: str) -> frozenset[str]:
     """`text`'s content words, folded and cut to STEM_CHARS characters."""
-    folded = "".join(ch for ch in unicodedata.normalize("NFKD", text.lower()) if not unicodedata.combining(ch))
-    return frozenset(word[:STEM_CHARS] for word in _WORD.findall(folded) if len(word) > 1 and word not in STOP_WORDS)
+    return frozenset(word[:STEM_CHARS] for word in fold(text).split() if len(word) > 1 and word not in STOP_WORDS)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ def test_terms_fold_accents_drop_stop_words_and_join_word_forms():
     assert terms("Conduite des chariots élévateurs") == terms("je conduis un chariot elevateur")
     assert terms("de la et pour un") == frozenset()
     assert "eleva" in terms("ÉLÉVATEUR") and "caces" in terms("CACES R489")
+    assert terms("main-d'œuvre") == terms("main d oeuvre") == {"main", "oeuvr"}
 
 
 SKILLS = [
