@@ -60,19 +60,27 @@ class RequestMetrics:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        started, status = time.perf_counter(), 500
+        started, status, counted = time.perf_counter(), 500, False
+        route = scope["path"] if scope["path"] in self._routes else "other"
+
+        def count() -> None:
+            nonlocal counted
+            if not counted:
+                counted = True
+                self._metrics.observe_http(route, status, time.perf_counter() - started)
 
         async def sending(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                count()  # before the last bytes leave: a client holding the answer finds it counted
             await send(message)
 
         try:
             await self._app(scope, receive, sending)
         finally:
-            route = scope["path"] if scope["path"] in self._routes else "other"
-            self._metrics.observe_http(route, status, time.perf_counter() - started)
+            count()  # no complete response was sent (the app raised): counted as its status, 500 by default
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
