@@ -45,7 +45,8 @@ def build_graphs(folder: Path) -> dict[str, Path]:
     for layout in (GraphLayout.PADDED, GraphLayout.PACKED):
         module, _ = export.layout_module(model, layout)
         fp32 = export.export_onnx(module, folder / f"{layout}.fp32.onnx", vocab_size=1000)
-        graphs[str(layout)] = export.quantise_int8(fp32, folder / f"{layout}.int8.onnx", "static", calibration)
+        graphs[str(layout)] = folder / f"{layout}.int8.onnx"
+        export.quantise_int8(fp32, graphs[str(layout)], "static", calibration)
     return graphs
 
 

@@ -26,7 +26,7 @@ from . import fidelity
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = "2"
+PIPELINE_VERSION = "3"
 
 
 class BuildError(RuntimeError):
@@ -184,6 +184,7 @@ def _build_into(
     stage_names += [f"quantise {p}" for p in precisions if p is not Precision.FP32] + ["fidelity"]
     stages = _Stages(stage_names, options.progress)
     reference = None
+    int8_outliers: dict[str, dict[str, list[int]]] = {}
     try:
         stages.start("checkpoint")
         checkpoint = out / "hf"
@@ -217,11 +218,9 @@ def _build_into(
         )
         if Precision.INT8 in precisions:
             stages.start(f"quantise {Precision.INT8}")
-            graphs[Precision.INT8] = export.quantise_int8(
-                graphs[Precision.FP32],
-                out / "onnx" / f"model.{Precision.INT8}.onnx",
-                spec.int8_mode,
-                fidelity.calibration_batches(tokenizer),
+            graphs[Precision.INT8] = out / "onnx" / f"model.{Precision.INT8}.onnx"
+            int8_outliers = export.quantise_int8(
+                graphs[Precision.FP32], graphs[Precision.INT8], spec.int8_mode, fidelity.calibration_batches(tokenizer)
             )
             stages.done()
         if Precision.FP16 in precisions:
@@ -249,6 +248,7 @@ def _build_into(
         "max_tokens": spec.max_tokens,
         "pooling": spec.pooling,
         "int8_mode": spec.int8_mode,
+        "int8_outliers": int8_outliers,  # per matmul: the channels computed apart in fp32
         "graph_layout": layout,
         "normalize": spec.normalize,
         "prefixes": {"query": spec.query_prefix, "passage": spec.passage_prefix},

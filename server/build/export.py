@@ -116,12 +116,11 @@ def export_onnx(model, out_path: Path, vocab_size: int) -> Path:
 def sensitive_matmuls(fp32_path: Path) -> list[str]:
     """The FFN down-projections: the MatMuls whose constant weight narrows (more inputs than outputs).
 
-    Their inputs are GELU outputs with a long tail; a per-tensor dynamic uint8
-    scale for those activations costs the most fidelity (measured on the French
-    probe: worst-text cosine 0.988 -> 0.993 when they stay fp32), for about a
-    sixth of the encoder's matmul FLOPs. Found by weight shape, not node name, so
-    the rule holds for the padded and the packed layout alike (BERT's other
-    linears are square or widen).
+    Their activations carry BERT's massive channels (outliers.py): one uint8 range per tensor
+    cannot span them. Static int8 splits those channels off; dynamic int8 leaves these matmuls
+    fp32 (worst-text cosine 0.988 -> 0.993), about a sixth of the encoder's matmul FLOPs. Found by
+    weight shape, not node name, so the rule holds for the padded and the packed layout alike
+    (BERT's other linears are square or widen).
     """
     import onnx
 
@@ -138,18 +137,24 @@ def sensitive_matmuls(fp32_path: Path) -> list[str]:
 
 def quantise_int8(
     fp32_path: Path, out_path: Path, mode: str = "static", calibration: list[dict[str, np.ndarray]] | None = None
-) -> Path:
-    """int8 weights with per-output-channel scales (per-tensor loses too much on E5).
+) -> dict[str, dict[str, list[int]]]:
+    """int8 weights with per-output-channel scales (per-tensor loses too much on E5) at `out_path`;
+    returns the outlier channels the static mode computes apart in fp32 (see outliers.py).
 
     mode "static" (default): activation ranges are calibrated once on French
     probe batches and frozen in the graph. Each text's vector then does not
     depend on which other texts share its batch (dynamic quantisation computes
     one activation scale per batch tensor, so batching moved vectors by up to
-    0.0024 in cosine on the probe), and no range is computed per call.
+    0.0024 in cosine on the probe), and no range is computed per call. The FFN
+    down-projections, whose massive activations a frozen range cannot span,
+    run in int8 with their few outlier channels split off in fp32.
     mode "dynamic": onnxruntime's quantize_dynamic, for checkpoints whose
-    activations calibrate badly; vectors then depend slightly on the batch.
+    activations calibrate badly; vectors then depend slightly on the batch, and
+    the down-projections stay fp32.
     Only matmuls with a constant weight are quantised (never attention scores).
     """
+    import tempfile
+
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -159,15 +164,18 @@ def quantise_int8(
         quantize_static,
     )
 
-    common = dict(
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=sensitive_matmuls(fp32_path),
-        extra_options={"MatMulConstBOnly": True},
-    )
+    from .outliers import decompose
+
+    common = dict(per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm", "Gather"])
     if mode == "dynamic":
-        quantize_dynamic(str(fp32_path), str(out_path), op_types_to_quantize=["MatMul", "Gemm", "Gather"], **common)
-        return out_path
+        quantize_dynamic(
+            str(fp32_path),
+            str(out_path),
+            nodes_to_exclude=sensitive_matmuls(fp32_path),
+            extra_options={"MatMulConstBOnly": True},
+            **common,
+        )
+        return {}
     if mode != "static":
         raise ValueError(f"unknown int8 mode {mode!r} (static or dynamic)")
     if not calibration:
@@ -181,17 +189,20 @@ def quantise_int8(
         def get_next(self):
             return next(self._batches, None)
 
-    quantize_static(
-        str(fp32_path),
-        str(out_path),
-        _Batches(),
-        quant_format=QuantFormat.QOperator,
-        activation_type=QuantType.QUInt8,
-        op_types_to_quantize=["MatMul", "Gemm", "Gather"],
-        calibrate_method=CalibrationMethod.MinMax,
-        **common,
-    )
-    return out_path
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quantise-") as scratch:
+        split = decompose(fp32_path, sensitive_matmuls(fp32_path), calibration, Path(scratch) / "split.fp32.onnx")
+        quantize_static(
+            str(split.path),
+            str(out_path),
+            _Batches(),
+            quant_format=QuantFormat.QOperator,
+            activation_type=QuantType.QUInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=split.fp32_nodes,
+            extra_options={"MatMulConstBOnly": True, "TensorQuantOverrides": split.range_overrides},
+            **common,
+        )
+    return split.summary()
 
 
 def convert_fp16(fp32_path: Path, out_path: Path) -> Path:

@@ -87,7 +87,7 @@ def test_layout_choice_follows_the_spec_and_the_architecture():
 
 @pytest.mark.parametrize("layout", [GraphLayout.PADDED, GraphLayout.PACKED])
 def test_ffn_down_projections_are_found_in_either_layout(tmp_path, layout):
-    """int8 keeps exactly these fp32: one per layer, the 64 -> 32 weights, never attention's."""
+    """int8 treats exactly these apart: one per layer, the 64 -> 32 weights, never attention's."""
     module, _ = export.layout_module(tiny_encoder(), layout)
     path = export.export_onnx(module, tmp_path / f"{layout}.onnx", vocab_size=300)
     graph = onnx.load(str(path)).graph
