@@ -22,7 +22,7 @@ from ..backends.base import ExecutionProvider, Precision
 from ..runtime.repository import MANIFEST, ModelRepository, ModelVersion
 from ..runtime.spec import ModelSpec
 from ..tokenize import TextTokenizer, TokenizerConfig
-from . import fidelity
+from . import fidelity, outliers
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ def build_model(repo: ModelRepository, name: str, options: BuildOptions = BuildO
             "max_tokens": spec.max_tokens,
             "prefixes": [spec.query_prefix, spec.passage_prefix],
             "int8": spec.int8_mode,
+            "int8_outliers": outliers.RECIPE if Precision.INT8 in precisions and spec.int8_mode == "static" else None,
             "layout": spec.graph_layout,
             "calibration": fidelity.CALIBRATION_RECIPE if Precision.INT8 in precisions else None,
         },

@@ -11,8 +11,8 @@ quarter of the int8 graph's time (ONNX Runtime's profiler on the skills latency 
 The split (LLM.int8()'s mixed precision, with frozen ranges): for Y = X W,
 - outlier output columns C: X W[:, C] runs in fp32 (|C| columns of work) and a one-hot [|C|, out]
   matmul puts it back in place; the int8 W has those columns zeroed, so its output range is tight;
-- outlier input channels R: the int8 input is calibrated on the other channels, so QuantizeLinear
-  saturates the outliers, and their excess, X[:, R] - clip(X[:, R]), runs through W[R, :] in fp32.
+- outlier input channels R: the int8 path takes X clipped to the other channels' range, and the
+  outliers' excess, X[:, R] - clip(X[:, R]), runs through W[R, :] in fp32.
 Y = int8(clip(X) W') + excess W'[R, :] + (X W[:, C]) onehot(C): exact in fp32 by construction.
 """
 
@@ -29,11 +29,7 @@ OUTLIER_FACTOR = 2.0
 the median of the `REFERENCE_CHANNELS` largest: e5-small's outliers stand 5-60x above it, its
 ordinary extremes within 1.7x."""
 REFERENCE_CHANNELS = 32
-HEADROOM = 1.25
-"""The split matmuls' frozen ranges are the calibration set's, widened by this factor: a served text
-past a range saturates, and the margin costs a third of a bit. Worst probe cosine (int8 vs fp32)
-at 1.0, 1.25 and 1.5: 0.9949, 0.9953, 0.9945. The ranges are set explicitly, even the output's
-that calibration would find: left to onnxruntime's calibrator, the worst text fell to 0.9898."""
+RECIPE = f"split-outliers-x{OUTLIER_FACTOR:g}-of-top{REFERENCE_CHANNELS}"  # part of a version's recipe (build.py)
 
 
 @dataclass(frozen=True)
@@ -45,10 +41,9 @@ class MatMulSplit:
 
 @dataclass
 class Decomposition:
-    """What the int8 quantiser needs besides the rewritten graph."""
+    """The rewritten graph and what the quantiser must leave fp32."""
 
     path: Path  # the fp32 graph with the outlier paths added
-    range_overrides: dict[str, list[dict[str, np.float32]]] = field(default_factory=dict)  # TensorQuantOverrides
     fp32_nodes: list[str] = field(default_factory=list)  # the outlier paths: never quantised
     splits: list[MatMulSplit] = field(default_factory=list)
 
@@ -90,10 +85,11 @@ def decompose(
     matmuls: Sequence[str],
     calibration: Sequence[dict[str, np.ndarray]],
     out_path: Path,
-    headroom: float = HEADROOM,
 ) -> Decomposition:
     """`fp32_path` with the outlier channels of `matmuls` (MatMul nodes with a constant [in, out]
-    weight) split off, written to `out_path`; the input ranges to freeze for the int8 path."""
+    weight) split off, written to `out_path`. The quantiser calibrates the rewritten graph like any
+    other: the int8 path's input is clipped and its weight has no outlier columns, so its ranges are
+    tight without overrides."""
     import onnx
     from onnx import numpy_helper
 
@@ -119,19 +115,14 @@ def decompose(
         if rows.size:
             low, high = ranges[x]
             keep = np.setdiff1d(np.arange(low.size), rows)
-            limits = _range(low[keep], high[keep], headroom)
+            limits = (np.float32(min(low[keep].min(), 0.0)), np.float32(max(high[keep].max(), 0.0)))
             clip, excess = _row_path(graph, node.name, x, w, rows, limits)
             before.append(clip)
             node.input[0] = clip.output[0]
-            result.range_overrides[clip.output[0]] = [{"rmin": limits[0], "rmax": limits[1]}]
             added += excess
             terms.append(added[-1].output[0])
         weights[node.input[1]].CopyFrom(numpy_helper.from_array(w, node.input[1]))
         node.output[0] = f"{node.name}/in_range"
-        low, high = ranges[y]
-        keep = np.setdiff1d(np.arange(low.size), columns)
-        limits = _range(low[keep], high[keep], headroom)
-        result.range_overrides[node.output[0]] = [{"rmin": limits[0], "rmax": limits[1]}]
         added += _sum(node.name, node.output[0], terms, y)
         position = list(graph.node).index(node)
         for offset, new in enumerate([*before, node, *added]):
@@ -141,10 +132,6 @@ def decompose(
         result.splits.append(MatMulSplit(node.name, rows.tolist(), columns.tolist()))
     onnx.save(model, str(out_path))
     return result
-
-
-def _range(low: np.ndarray, high: np.ndarray, headroom: float) -> tuple[np.float32, np.float32]:
-    return np.float32(min(low.min(), 0.0) * headroom), np.float32(max(high.max(), 0.0) * headroom)
 
 
 def _magnitude(low_high: tuple[np.ndarray, np.ndarray]) -> np.ndarray:

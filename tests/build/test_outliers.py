@@ -16,11 +16,15 @@ WIDE, NARROW = 64, 16
 OUTLIER_INPUT, OUTLIER_COLUMN = 5, 3
 
 
-def down_projection(path: Path, seed: int = 0) -> np.ndarray:
+def down_projection(path: Path, seed: int = 0) -> None:
     """A graph like an FFN down-projection: Y = X W with W [64, 16], whose column 3 is large."""
     weight = np.random.default_rng(seed).normal(0, 0.2, (WIDE, NARROW)).astype(np.float32)
     weight[:, OUTLIER_COLUMN] *= 40.0
     weight[OUTLIER_INPUT] *= 0.1  # as in trained encoders, the weights a massive activation meets are small
+    save_matmul(path, weight)
+
+
+def save_matmul(path: Path, weight: np.ndarray) -> None:
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"], name="down")],
         "down",
@@ -29,7 +33,6 @@ def down_projection(path: Path, seed: int = 0) -> np.ndarray:
         [numpy_helper.from_array(weight, "w")],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return weight
 
 
 def activations(rows: int, seed: int) -> np.ndarray:
@@ -76,3 +79,11 @@ def test_static_int8_with_the_split_stays_close_to_fp32(tmp_path):
     # The ordinary columns keep int8 precision (a few % of their size), the outlier one is exact.
     assert error[:, ordinary].mean() < 0.03 * scale
     assert error[:, OUTLIER_COLUMN].max() < 1e-3 * np.abs(want[:, OUTLIER_COLUMN]).max()
+
+
+def test_a_matmul_without_outliers_is_left_as_it_is(tmp_path):
+    save_matmul(tmp_path / "fp32.onnx", np.random.default_rng(3).normal(0, 0.2, (WIDE, NARROW)).astype(np.float32))
+    smooth = [{"x": np.abs(np.random.default_rng(seed).normal(0, 1.0, (32, WIDE))).astype(np.float32)} for seed in range(4)]
+    split = decompose(tmp_path / "fp32.onnx", ["down"], smooth, tmp_path / "split.onnx")
+    assert split.summary() == {} and split.fp32_nodes == []
+    assert [n.op_type for n in onnx.load(str(tmp_path / "split.onnx")).graph.node] == ["MatMul"]
