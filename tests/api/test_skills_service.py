@@ -92,7 +92,9 @@ def test_a_keyword_list_maps_each_keyword(skills):
     assert evidence <= set(split_clauses(text)) and "lecture de plans" in evidence, [
         (s.label, s.evidence) for s in response.skills
     ]
-    assert "read lighting plans" in [s.label for s in response.skills if s.evidence == "lecture de plans"]
+    # The dev set's annotators accept "read standard blueprints" for "lecture de plans" (sk029, sk035, sk063).
+    blueprints = "http://data.europa.eu/esco/skill/68b6ef08-d823-489d-a95c-752ae6f6e6a7"
+    assert blueprints in [s.uri for s in response.skills if s.evidence == "lecture de plans"]
 
 
 def test_min_score_and_k_bound_the_skills(skills):
