@@ -23,6 +23,9 @@ class BackendConfig:
     inter_op_threads: int = 1
     cpu_parallel_runs: int = 0  # 0 = one per usable core; 1 = one run per batch on every intra-op thread
     cpu_spin_wait: bool = False  # let idle onnxruntime threads spin (a little faster alone, starves the event loop)
+    # numpy's and faiss's BLAS threads in `openemploi serve`, once started (0 = one per core). Their idle
+    # workers spin after each product, on the cores onnxruntime runs on (see app.serve_forever).
+    blas_threads: int = 1
     cuda_device_id: int = 0
     torch_dtype: Precision = Precision.FP16  # torch backend on CUDA: fp16 | bf16 (CPU always runs fp32)
     cuda_graphs: bool = False  # torch backend on CUDA: one CUDA graph per (batch, length) bucket
@@ -37,7 +40,8 @@ class BackendConfig:
             self, "cpu_precision", parse_option(Precision, self.cpu_precision, "backend.cpu_precision", CPU_PRECISIONS)
         )
         object.__setattr__(self, "torch_dtype", parse_option(Precision, self.torch_dtype, "backend.torch_dtype", TORCH_DTYPES))
-        if self.intra_op_threads < 0 or self.inter_op_threads < 0 or self.cpu_parallel_runs < 0 or self.cuda_device_id < 0:
+        counts = (self.intra_op_threads, self.inter_op_threads, self.cpu_parallel_runs, self.blas_threads, self.cuda_device_id)
+        if any(count < 0 for count in counts):
             raise ValueError("backend thread counts, cpu_parallel_runs and cuda_device_id must not be negative")
         # ... and tuples as strings ("16,32,64" from the environment): make them ints.
         try:
