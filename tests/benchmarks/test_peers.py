@@ -65,3 +65,18 @@ def test_a_run_without_infinity_says_it_was_skipped(peers):
     ratios = {f.name: f.ratio for f in figures}
     assert ratios["peers.server.c32.texts_per_s"] == pytest.approx(0.95)
     assert "peers.server.c32_vs_a" not in ratios
+
+
+def test_the_idle_goal_is_judged_on_the_paired_run_when_there_is_one(peers):
+    """The raw child's singles ran minutes earlier; the paired raw call ran milliseconds before each server call."""
+    paired = report()
+    paired["server"] = {
+        **paired["server"],
+        "paired": {"raw_single_p50_ms": 7.0, "grpc_health_p50_ms": 0.8, "server_p50_ms": 8.5, "server_minus_raw_p50_ms": 1.5},
+    }
+    idle = next(t for t in peers.targets(paired) if t["target"].startswith("server idle p50"))
+    assert "paired" in idle["target"]
+    assert idle["value"] == pytest.approx(8.5) and idle["threshold"] == pytest.approx(8.0)
+    assert idle["status"] == "MISS"  # the unpaired numbers (4.5 vs 4.0 + 1) would have passed
+    figures, _, _ = peers.peer_figures({**paired, "targets": peers.targets(paired)})
+    assert {f.name for f in figures} >= {"peers.server.idle_p50_ms", "peers.server.idle_paired_p50_ms"}
