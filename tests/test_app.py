@@ -36,4 +36,3 @@ def test_one_blas_thread_leaves_no_spinning_workers_in_numpy_or_faiss():
 def test_zero_leaves_the_libraries_defaults():
     before, after = blas_threads(0)
     assert after == before
-
