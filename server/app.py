@@ -249,18 +249,20 @@ async def load_pinned_versions(registry: ModelRegistry, pinned: set[tuple[str, s
 
 
 def limit_blas_threads(count: int) -> None:
-    """At most `count` threads in each BLAS library loaded (numpy's OpenBLAS, faiss's); 0 leaves them be.
+    """At most `count` threads in every BLAS and OpenMP pool loaded (numpy's OpenBLAS; faiss's
+    OpenBLAS, built on OpenMP, and faiss's own loops, which share that OpenMP pool); 0 leaves them be.
 
     OpenBLAS's idle workers spin for about 0.1 s after each matrix product. ExtractSkills scores
     a text with a few products between two inference runs: the spinning worker took a core from
     onnxruntime for most of the next run (a 2,000-character ad: 2.4 s of CPU on that worker over
-    20 calls, latency 206 ms; one thread: 156 ms). Applied once started: indexing catalogues at
+    20 calls). One faiss thread also keeps a single-query IVF or HNSW search from waiting at an
+    OpenMP join for a core that onnxruntime holds. Applied once started: indexing catalogues at
     the first start keeps every core.
     """
     if count > 0:
         from threadpoolctl import threadpool_limits
 
-        threadpool_limits(limits=count, user_api="blas")
+        threadpool_limits(limits=count)
 
 
 async def serve_forever(config: ServerConfig) -> None:
