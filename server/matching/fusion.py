@@ -98,7 +98,10 @@ def _ranks(candidates: Sequence[Candidates], expected: Sequence[str], fusion: Fu
 
 
 def evaluate(candidates: Sequence[Candidates], expected: Sequence[str], fusion: Fusion) -> dict[str, float]:
-    ranks = _ranks(candidates, expected, fusion)
+    return _metrics(_ranks(candidates, expected, fusion))
+
+
+def _metrics(ranks: np.ndarray) -> dict[str, float]:
     return {
         "top1": float(np.mean(ranks == 0)),
         "top5": float(np.mean(ranks < 5)),
@@ -130,3 +133,29 @@ def fit(
             best = (key, fusion, metrics)
     assert best is not None
     return best[1], best[2]
+
+
+def cross_validate(
+    candidates: Sequence[Candidates], expected: Sequence[str], folds: int = 5, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Out-of-fold metrics of `fit` on these queries, beside two fusions fitted on nothing.
+
+    Each fold is scored by a fusion fitted on the other folds, so "fitted" estimates what fitting
+    on all the queries gives on queries it never saw; "handset" (the default) and "dense" (no
+    lexical share, no entry bonus) need no fitting and are scored on every query. If "fitted"
+    does not beat them out of fold, the grid is fitting the tuning queries' noise.
+    """
+    count = len(candidates)
+    if count < folds:
+        raise ValueError(f"cannot cross-validate {count} queries in {folds} folds")
+    order = np.random.default_rng(seed).permutation(count)
+    ranks = np.empty(count, dtype=np.int64)
+    for fold in np.array_split(order, folds):
+        held = set(fold.tolist())
+        rest = [i for i in range(count) if i not in held]
+        fusion, _ = fit([candidates[i] for i in rest], [expected[i] for i in rest])
+        ranks[fold] = _ranks([candidates[i] for i in fold], [expected[i] for i in fold], fusion)
+    out = {"fitted": _metrics(ranks)}
+    for name, fusion in (("handset", Fusion()), ("dense", Fusion(0.0))):
+        out[name] = _metrics(_ranks(candidates, expected, fusion))
+    return out

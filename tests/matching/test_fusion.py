@@ -11,7 +11,7 @@ from openemploi.index.collection import CollectionManager, CollectionSpec
 from openemploi.index.store import NewDocument
 from openemploi.index.vectors import IndexParams
 from openemploi.matching.catalogue import Occupation, entries
-from openemploi.matching.fusion import KINDS, Candidates, Fusion, FusionTable, evaluate, fit
+from openemploi.matching.fusion import KINDS, Candidates, Fusion, FusionTable, cross_validate, evaluate, fit
 from openemploi.matching.matcher import OccupationMatcher
 
 INF = float("-inf")
@@ -112,3 +112,21 @@ def test_match_ranks_codes_with_the_collection_models_fitted_fusion(tmp_path):
     assert evaluate([rows], ["D1102"], table.for_model("tuned"))["top1"] == 1.0
     assert ranked[0].score == pytest.approx(table.for_model("tuned").score(rows.dense[0].tolist(), rows.lexical[0]))
     manager.close()
+
+
+def test_cross_validation_scores_each_fold_with_a_fusion_fitted_on_the_others():
+    """Half the queries need some lexical share, half are hurt by a large one: only a fitted weight
+    (0.05-0.1) serves both, and every fold's fit finds it; the unfitted fusions each miss a half."""
+    needs_words = candidates(["A0001", "B0002"], [[0.80, INF, INF], [0.83, INF, INF]], [1.0, 0.1])
+    hurt_by_words = candidates(["A0001", "B0002"], [[0.90, INF, INF], [0.80, INF, INF]], [0.0, 1.0])
+    rows = [needs_words, hurt_by_words] * 5
+    scores = cross_validate(rows, ["A0001"] * 10, folds=5)
+    assert scores["fitted"]["top1"] == 1.0
+    assert scores["handset"]["top1"] == 0.5  # lexical 0.35 puts B first on the second kind
+    assert scores["dense"]["top1"] == 0.5  # no lexical share puts B first on the first kind
+
+
+def test_cross_validation_needs_a_query_per_fold():
+    rows = [candidates(["A0001"], [[0.8, INF, INF]], [1.0])] * 3
+    with pytest.raises(ValueError, match="3 queries in 5 folds"):
+        cross_validate(rows, ["A0001"] * 3, folds=5)
