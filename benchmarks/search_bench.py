@@ -11,7 +11,8 @@ service pays (IDMap2, rebuild's concatenation, SearchParameters per call, the
 lock).  Sweeps change what ``search()`` reads at call time, on one built index:
 ``index.params = dataclasses.replace(params, hnsw_ef_search=ef)`` (search passes
 ``max(ef, k)`` as efSearch) or ``ivf_nprobe=p`` (SearchParametersIVF.nprobe).
-faiss runs with ``faiss.omp_set_num_threads(os.cpu_count())``.
+faiss runs with ``faiss.omp_set_num_threads(os.cpu_count())``, and OpenBLAS's idle workers
+sleep at once (``QUIET_BLAS_ENV``; run as a script, this file starts itself again with it).
 
 Data: deterministic, numpy only, generated in chunks of 50,000 rows, each chunk
 seeded by (SEED, stream, chunk), so N vectors are a prefix of any larger N.
@@ -543,6 +544,17 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+# Read by OpenBLAS when numpy loads it: its idle workers then sleep at once instead of spinning for
+# about 0.1 s after each product. Configurations are timed interleaved, so a numpy or Flat product
+# otherwise left a worker spinning through the IVF or HNSW batch timed next, on one of the two cores
+# (IVF batch 64 at 100k: 4,626 q/s after a spinning product, 10,183 without; benchmarks/README.md).
+QUIET_BLAS_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
+
+
+def quiet_blas() -> bool:
+    return all(os.environ.get(key) == value for key, value in QUIET_BLAS_ENV.items())
+
+
 def machine_info() -> dict[str, Any]:
     cpu_model = None
     with contextlib.suppress(OSError):
@@ -560,6 +572,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": cpu_model,
         "cpu_count": os.cpu_count(),
         "faiss_omp_threads": faiss.omp_get_max_threads(),
+        "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
         "mem_gib": mem_gib,
         "loadavg_at_start": list(os.getloadavg()),
         "versions": {"faiss": faiss.__version__, "numpy": np.__version__},
@@ -649,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--queries", type=int, default=None, help="held-out queries (default 1,024; --quick 256)")
     args = parser.parse_args(argv)
+    if argv is None and not quiet_blas():  # numpy is loaded already: start again with the setting
+        os.execve(sys.executable, sys.orig_argv, {**os.environ, **QUIET_BLAS_ENV})
     report = measure(Plan.of(args), args.quick)
     rows = [Row(**r) for r in report["rows"]]
     result = report["target"]

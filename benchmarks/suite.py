@@ -134,7 +134,12 @@ def run_in_child(part: str, plan: SuitePlan) -> dict[str, Any]:
     """This file as ``--child PART`` in a fresh interpreter: its progress streams through on
     stderr, its one marked stdout line is the result.  Stopped (SIGTERM, then SIGKILL) on timeout."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child", part, *(["--quick"] if plan.quick else [])]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    env = dict(os.environ)
+    if part == "search":
+        from search_bench import QUIET_BLAS_ENV
+
+        env.update(QUIET_BLAS_ENV)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)
     try:
         stdout, _ = process.communicate(timeout=plan.timeout_s[part])
     except subprocess.TimeoutExpired:
