@@ -99,7 +99,7 @@ def p50(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-# -- raw engine (child process) ------------------------------------------------------------------
+# -- raw engine (a child process for throughput; the client process for paired_idle) ------------
 class RawEngine:
     """The server's backend called directly (``open_encoder``, the server's defaults): tokenise + pad + run."""
 
