@@ -7,6 +7,7 @@ and NOT_SERVING as soon as a shutdown starts, so load balancers drain us first.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import signal
@@ -40,6 +41,7 @@ from .metrics import Gauges, Metrics, MetricsInterceptor
 from .runtime.registry import ModelRegistry
 from .runtime.repository import ModelNotBuilt, ModelNotFound, ModelRepository
 from .skills.bootstrap import ensure_skills_collection
+from .threads import limit_math_threads, limit_openmp_threads
 from .tracing import DISABLED, Tracing, TracingMiddleware, start_tracing
 
 if TYPE_CHECKING:
@@ -162,7 +164,11 @@ async def start_server(
         )
     )
     metrics_port = metrics.serve(config.metrics_host, config.metrics_port) if config.metrics else 0
-    index_pool = WorkPool(config.limits.index_workers, config.limits.max_index_queue)
+    index_pool = WorkPool(
+        config.limits.index_workers,
+        config.limits.max_index_queue,
+        thread_start=functools.partial(limit_openmp_threads, config.backend.blas_threads),
+    )
     embedding_api.add_to_server(embedding_api.EmbeddingServicer(registry, config.limits), server)
     index_api.add_to_server(index_api.IndexServicer(collections, registry, config.limits, index_pool, tracing), server)
     match_servicer = match_api.MatchServicer(collections, registry, None, config.limits, index_pool)
@@ -248,23 +254,6 @@ async def load_pinned_versions(registry: ModelRegistry, pinned: set[tuple[str, s
                 log.warning("collections hold %s/%s vectors but that version is not built; re-embed them", name, version)
 
 
-def limit_blas_threads(count: int) -> None:
-    """At most `count` threads in every BLAS and OpenMP pool loaded (numpy's OpenBLAS; faiss's
-    OpenBLAS, built on OpenMP, and faiss's own loops, which share that OpenMP pool); 0 leaves them be.
-
-    OpenBLAS's idle workers spin for about 0.1 s after each matrix product. ExtractSkills scores
-    a text with a few products between two inference runs: the spinning worker took a core from
-    onnxruntime for most of the next run (a 2,000-character ad: 2.4 s of CPU on that worker over
-    20 calls). One faiss thread also keeps a single-query IVF or HNSW search from waiting at an
-    OpenMP join for a core that onnxruntime holds. Applied once started: indexing catalogues at
-    the first start keeps every core.
-    """
-    if count > 0:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(limits=count)
-
-
 async def serve_forever(config: ServerConfig) -> None:
     running = await start_server(config)
     # Models, catalogues and their indexes are loaded for good: out of the cyclic GC's sight, so a
@@ -273,7 +262,8 @@ async def serve_forever(config: ServerConfig) -> None:
     # Tokenising, padding and index threads hold the GIL for up to this long before the event loop
     # may take it back; an RPC takes it several times, so the default 5 ms adds up to a stall.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    limit_blas_threads(config.backend.blas_threads)
+    # numpy's BLAS threads once serving: start-up indexing above kept every core (threads.py).
+    limit_math_threads(config.backend.blas_threads)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

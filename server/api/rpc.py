@@ -105,8 +105,9 @@ class WorkPool:
     A refusal carries a retry delay: the calls ahead, shared by the workers, at their mean duration.
     """
 
-    def __init__(self, workers: int, max_queue: int) -> None:
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="openemploi-index")
+    def __init__(self, workers: int, max_queue: int, thread_start: Callable[[], None] | None = None) -> None:
+        """`thread_start` runs once in each worker thread as it starts (per-thread library settings)."""
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="openemploi-index", initializer=thread_start)
         self._workers = workers
         self._capacity = workers + max_queue
         self._lock = threading.Lock()

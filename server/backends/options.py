@@ -23,9 +23,8 @@ class BackendConfig:
     inter_op_threads: int = 1
     cpu_parallel_runs: int = 0  # 0 = one per usable core; 1 = one run per batch on every intra-op thread
     cpu_spin_wait: bool = False  # let idle onnxruntime threads spin (a little faster alone, starves the event loop)
-    # numpy's and faiss's BLAS threads and faiss's OpenMP threads in `openemploi serve`, once started
-    # (0 = the libraries' defaults). Idle BLAS workers spin after each product, on the cores onnxruntime
-    # runs on (see app.limit_blas_threads).
+    # numpy's BLAS threads in `openemploi serve` once it serves, and faiss's OpenMP threads in the index
+    # workers that search (0 = the libraries' defaults): both take cores onnxruntime needs (threads.py).
     blas_threads: int = 1
     cuda_device_id: int = 0
     torch_dtype: Precision = Precision.FP16  # torch backend on CUDA: fp16 | bf16 (CPU always runs fp32)
