@@ -12,7 +12,8 @@ lock).  Sweeps change what ``search()`` reads at call time, on one built index:
 ``index.params = dataclasses.replace(params, hnsw_ef_search=ef)`` (search passes
 ``max(ef, k)`` as efSearch) or ``ivf_nprobe=p`` (SearchParametersIVF.nprobe).
 faiss runs with ``faiss.omp_set_num_threads(os.cpu_count())``, and OpenBLAS's idle workers
-sleep at once (``QUIET_BLAS_ENV``; run as a script, this file starts itself again with it).
+sleep at once (``QUIET_BLAS_ENV``: ``run_quiet`` starts the process again with it, here and in the
+suite's search child).
 
 Data: deterministic, numpy only, generated in chunks of 50,000 rows, each chunk
 seeded by (SEED, stream, chunk), so N vectors are a prefix of any larger N.
@@ -551,8 +552,13 @@ def table(rows: list[Row]) -> str:
 QUIET_BLAS_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
 
 
-def quiet_blas() -> bool:
-    return all(os.environ.get(key) == value for key, value in QUIET_BLAS_ENV.items())
+def run_quiet() -> None:
+    """Start this process again with QUIET_BLAS_ENV unless it has it: OpenBLAS reads it only when
+    numpy loads it, which has happened by now. The same PID, stdout and arguments go on."""
+    if any(os.environ.get(key) != value for key, value in QUIET_BLAS_ENV.items()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, sys.orig_argv, {**os.environ, **QUIET_BLAS_ENV})
 
 
 def machine_info() -> dict[str, Any]:
@@ -662,8 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--queries", type=int, default=None, help="held-out queries (default 1,024; --quick 256)")
     args = parser.parse_args(argv)
-    if argv is None and not quiet_blas():  # numpy is loaded already: start again with the setting
-        os.execve(sys.executable, sys.orig_argv, {**os.environ, **QUIET_BLAS_ENV})
+    if argv is None:
+        run_quiet()
     report = measure(Plan.of(args), args.quick)
     rows = [Row(**r) for r in report["rows"]]
     result = report["target"]

@@ -118,6 +118,7 @@ def child_main(part: str, plan: SuitePlan) -> int:
         if part == "search":
             import search_bench
 
+            search_bench.run_quiet()
             report = search_bench.measure(plan.search_plan(), quick=plan.quick)
         elif part == "kernels":
             import kernels_bench
@@ -134,12 +135,7 @@ def run_in_child(part: str, plan: SuitePlan) -> dict[str, Any]:
     """This file as ``--child PART`` in a fresh interpreter: its progress streams through on
     stderr, its one marked stdout line is the result.  Stopped (SIGTERM, then SIGKILL) on timeout."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child", part, *(["--quick"] if plan.quick else [])]
-    env = dict(os.environ)
-    if part == "search":
-        from search_bench import QUIET_BLAS_ENV
-
-        env.update(QUIET_BLAS_ENV)
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         stdout, _ = process.communicate(timeout=plan.timeout_s[part])
     except subprocess.TimeoutExpired:
