@@ -167,7 +167,7 @@ async def start_server(
     index_pool = WorkPool(
         config.limits.index_workers,
         config.limits.max_index_queue,
-        thread_start=functools.partial(limit_openmp_threads, config.backend.blas_threads),
+        thread_start=functools.partial(limit_openmp_threads, config.backend.math_threads),
     )
     embedding_api.add_to_server(embedding_api.EmbeddingServicer(registry, config.limits), server)
     index_api.add_to_server(index_api.IndexServicer(collections, registry, config.limits, index_pool, tracing), server)
@@ -263,7 +263,7 @@ async def serve_forever(config: ServerConfig) -> None:
     # may take it back; an RPC takes it several times, so the default 5 ms adds up to a stall.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     # numpy's BLAS threads once serving: start-up indexing above kept every core (threads.py).
-    limit_math_threads(config.backend.blas_threads)
+    limit_math_threads(config.backend.math_threads)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

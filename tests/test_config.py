@@ -39,7 +39,7 @@ def test_defaults_are_the_documented_values():
         256,
     )
     assert (config.backend.device, config.backend.cpu_precision, config.backend.intra_op_threads) == ("auto", "auto", 0)
-    assert config.backend.blas_threads == 1
+    assert config.backend.math_threads == 1
     lim = config.limits
     assert (lim.max_texts_per_request, lim.max_message_bytes, lim.max_text_chars, lim.stream_window) == (
         1024,
@@ -293,7 +293,7 @@ def test_boolean_for_integer_field_is_rejected(tmp_path, text):
         ("OPENEMPLOI_BACKEND_DEVICE", "gpu", "device"),
         ("OPENEMPLOI_BACKEND_CPU_PRECISION", "fp8", "cpu_precision"),
         ("OPENEMPLOI_BACKEND_INTRA_OP_THREADS", "-1", "thread"),
-        ("OPENEMPLOI_BACKEND_BLAS_THREADS", "-2", "thread"),
+        ("OPENEMPLOI_BACKEND_MATH_THREADS", "-2", "thread"),
     ],
 )
 def test_invalid_backend_values_are_rejected(key, value, match):

@@ -25,7 +25,7 @@ class BackendConfig:
     cpu_spin_wait: bool = False  # let idle onnxruntime threads spin (a little faster alone, starves the event loop)
     # numpy's BLAS threads in `openemploi serve` once it serves, and faiss's OpenMP threads in the index
     # workers that search (0 = the libraries' defaults): both take cores onnxruntime needs (threads.py).
-    blas_threads: int = 1
+    math_threads: int = 1
     cuda_device_id: int = 0
     torch_dtype: Precision = Precision.FP16  # torch backend on CUDA: fp16 | bf16 (CPU always runs fp32)
     cuda_graphs: bool = False  # torch backend on CUDA: one CUDA graph per (batch, length) bucket
@@ -40,7 +40,7 @@ class BackendConfig:
             self, "cpu_precision", parse_option(Precision, self.cpu_precision, "backend.cpu_precision", CPU_PRECISIONS)
         )
         object.__setattr__(self, "torch_dtype", parse_option(Precision, self.torch_dtype, "backend.torch_dtype", TORCH_DTYPES))
-        counts = (self.intra_op_threads, self.inter_op_threads, self.cpu_parallel_runs, self.blas_threads, self.cuda_device_id)
+        counts = (self.intra_op_threads, self.inter_op_threads, self.cpu_parallel_runs, self.math_threads, self.cuda_device_id)
         if any(count < 0 for count in counts):
             raise ValueError("backend thread counts, cpu_parallel_runs and cuda_device_id must not be negative")
         # ... and tuples as strings ("16,32,64" from the environment): make them ints.
