@@ -12,6 +12,7 @@ import numpy as np
 from ..matching.catalogue import Occupation
 from .esco import SKILL_URI_PREFIX
 from .extract import Extracted, ExtractParams, SkillSpace, extract
+from .prior import OccupationPrior
 from .profiles import ProfileSkill, specificity
 from .transitions import Ranked, Source, TransitionParams, covered_set, family, rank, viable_threshold
 
@@ -58,6 +59,7 @@ class SkillsEngine:
         self.extract_params = extract_params or ExtractParams()
         self.transition_params = transition_params or TransitionParams()
         self.specificity = specificity(profiles)
+        self.prior = OccupationPrior.build(self.codes, profiles, occupation_vectors, len(space.skills))
         self.uri_index = space.index_of()
         self.viable = viable_threshold(
             self.codes, profiles, self.specificity, neighbours, occupation_vectors, self.transition_params
@@ -74,7 +76,7 @@ class SkillsEngine:
 
     def extract(self, clauses: list[str], clause_vectors: np.ndarray, k: int, min_score: float | None = None) -> list[Extracted]:
         """A text's clauses and their raw QUERY vectors, as the API embedded them."""
-        return extract(self.space, clauses, clause_vectors, k, self.extract_params, min_score)
+        return extract(self.space, clauses, clause_vectors, k, self.extract_params, min_score, self.prior)
 
     def skill_index(self, uri: str) -> int:
         if uri not in self.uri_index:

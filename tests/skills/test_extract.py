@@ -1,4 +1,4 @@
-"""Scoring a text's clause and whole vectors against skills: centring, the blend, de-duplication, line mapping."""
+"""Scoring a text's clause and whole vectors against skills: centring, the blend, the prior, de-duplication, line mapping."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from openemploi.skills.extract import (
     text_vector,
 )
 from openemploi.skills.lexical import LexicalIndex
+from openemploi.skills.prior import OccupationPrior
+from openemploi.skills.profiles import ProfileSkill
 
 
 def unit(*values: float) -> np.ndarray:
@@ -139,3 +141,22 @@ def test_map_lines_keeps_the_best_above_the_floor_in_order():
     mapped = map_lines(lines, skills, per_line=2, min_score=0.8, chunk=2)
     assert [[s for s, _ in pairs] for pairs in mapped] == [[0, 1], [2], []]
     assert all(score >= 0.8 for pairs in mapped for _, score in pairs)
+
+
+def test_the_occupation_prior_chooses_between_skills_equally_near():
+    """A clause as near "trucks" as "forklift": the text's occupation, whose profile holds trucks, decides."""
+    both = unit(1, 0, 0, 0, 0) + unit(0.9, 0.44, 0, 0, 0)
+    clause = unit(*both)[None, :]
+    occupations = np.stack([unit(*both), unit(0, 0, 0, 1, 0)])  # the text's occupation, and a cook's
+    profiles = {"N1101": [ProfileSkill(1, 0.6, "conduire un camion")], "G1602": [ProfileSkill(3, 0.7, "cuisiner")]}
+    prior = OccupationPrior.build(["N1101", "G1602"], profiles, occupations, skills=len(NAMES))
+    without = extract(space(), texts(20), clause, k=2, params=PARAMS)
+    assert {e.skill for e in without} == {0, 1} and without[0].score == pytest.approx(without[1].score, abs=1e-6)
+    with_prior = ExtractParams(min_score=0.3, lexical_share=0.0, prior_share=0.1, prior_occupations=1)
+    found = extract(space(), texts(20), clause, k=2, params=with_prior, prior=prior)
+    assert [e.skill for e in found] == [1, 0]
+    by_skill = {e.skill: e.score for e in without}
+    assert found[0].score == pytest.approx(0.9 * by_skill[1] + 0.1, abs=1e-5)
+    assert found[1].score == pytest.approx(0.9 * by_skill[0], abs=1e-5)
+    off = ExtractParams(min_score=0.3, lexical_share=0.0, prior_share=0.0)
+    assert [e.score for e in extract(space(), texts(20), clause, k=2, params=off, prior=prior)] == [e.score for e in without]
