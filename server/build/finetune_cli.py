@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from dataclasses import fields
+from enum import Enum
 from pathlib import Path
 
 from .finetune_data import PARAPHRASES
@@ -23,7 +24,9 @@ def add_parser(subcommands) -> argparse.ArgumentParser:
     command.add_argument("--name", required=True, help="the new model's name (models/NAME/)")
     for field in fields(FinetuneConfig):
         flag = "--" + field.name.replace("_", "-")
-        command.add_argument(flag, type=type(getattr(defaults, field.name)), default=getattr(defaults, field.name))
+        default = getattr(defaults, field.name)
+        choices = [member.value for member in type(default)] if isinstance(default, Enum) else None
+        command.add_argument(flag, type=type(default), default=default, choices=choices)
     command.add_argument(
         "--exclude", default=DEFAULT_EXCLUDE, help="dev set whose queries no training text may be a near-duplicate of"
     )

@@ -10,8 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from openemploi.build import finetune as finetune_module
 from openemploi.build.add import AddOptions, add_model
-from openemploi.build.finetune import CHECKPOINT, RECORD, FinetuneConfig, FinetuneError, FinetuneOptions, finetune
+from openemploi.build.finetune import (
+    CHECKPOINT,
+    RECORD,
+    FinetuneConfig,
+    FinetuneError,
+    FinetuneOptions,
+    TrainPrecision,
+    finetune,
+    resolve_precision,
+)
 from openemploi.build.finetune_data import pairs_digest
 from openemploi.runtime.repository import ModelRepository
 from openemploi.runtime.spec import load_spec
@@ -78,6 +88,8 @@ def test_finetune_trains_records_and_builds_a_new_model(repository):
     assert record == json.loads((folder / CHECKPOINT / RECORD).read_text())
     assert record["base"]["name"] == "tiny" and record["config"]["seed"] == TINY.seed
     assert record["metrics"]["steps"] == 3 and record["data"]["codes"] == 40
+    assert record["config"]["precision"] == "auto"
+    assert record["metrics"]["precision"] == resolve_precision(TrainPrecision.AUTO).value  # what "auto" ran in
     assert record["forgetting_gate"]["passed"] and record["forgetting_gate"]["threshold"] == 1.0
     assert len(record["data"]["sha256"]) == 64 and record["data"]["excluded_against"] == str(DEV_SET)
     base = _weights(
@@ -124,3 +136,41 @@ def test_training_data_hash_matches_the_pairs_and_leaves_out_the_dev_set(reposit
     assert NearDuplicateIndex([q["query"] for q in load_queries(DEV_SET)]).duplicates(p.anchor for p in pairs) == []
     with pytest.raises(FinetuneError, match="no such dev set"):
         training_pairs(load_catalogue(), FinetuneConfig(), FinetuneOptions(exclude=DEV_SET.with_name("absent.jsonl")))
+
+
+def test_frozen_layers_run_without_dropout_and_trained_ones_with_it(tmp_path, default_version):
+    """Training mode leaves the frozen layers deterministic: their dropout would only add noise
+    (and cost half a step's CPU) to features no gradient reaches."""
+    import torch
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(tiny_checkpoint(tmp_path, default_version.checkpoint_path))
+    finetune_module._freeze(model, trainable_layers=1)
+    finetune_module._train_mode(model, trainable_layers=1)
+    ids = torch.tensor([[0, 1000, 2000, 3000, 2]])
+    first, second = (model(ids, output_hidden_states=True).hidden_states for _ in range(2))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])  # embeddings, frozen layer 0
+    assert not torch.equal(first[2], second[2])  # layer 1 trains, with dropout
+    assert all(not p.requires_grad for p in model.embeddings.parameters())
+    assert all(p.requires_grad for p in model.encoder.layer[1].parameters())
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+    for native, expected in ((True, TrainPrecision.BF16), (False, TrainPrecision.FP32)):
+        monkeypatch.setattr(finetune_module, "cpu_has_native_bf16", lambda native=native: native)
+        assert resolve_precision(TrainPrecision.AUTO) is expected
+        assert resolve_precision(TrainPrecision.FP32) is TrainPrecision.FP32  # an explicit choice stands
+        assert resolve_precision(TrainPrecision.BF16) is TrainPrecision.BF16
+
+
+def test_the_cli_offers_the_precisions_by_name():
+    import argparse
+
+    from openemploi.build.finetune_cli import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["finetune", "base", "--name", "new", "--precision", "fp32"])
+    assert args.precision is TrainPrecision.FP32
+    with pytest.raises(SystemExit):
+        parser.parse_args(["finetune", "base", "--name", "new", "--precision", "fp16"])
