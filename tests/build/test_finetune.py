@@ -140,7 +140,7 @@ def test_training_data_hash_matches_the_pairs_and_leaves_out_the_dev_set(reposit
 
 def test_frozen_layers_run_without_dropout_and_trained_ones_with_it(tmp_path, default_version):
     """Training mode leaves the frozen layers deterministic: their dropout would only add noise
-    (and cost half a step's CPU) to features no gradient reaches."""
+    (and a third of a step's CPU) to features no gradient reaches."""
     import torch
     from transformers import BertModel
 
