@@ -300,7 +300,7 @@ def train(
     )
     losses: list[float] = []
     _train_mode(model.encoder, config.trainable_layers)
-    bf16 = resolve_precision(config.precision) is TrainPrecision.BF16
+    precision = resolve_precision(config.precision)
     bar = tqdm(total=total, desc="finetune", unit="step", disable=not progress)
     step = 0
     try:
@@ -313,7 +313,7 @@ def train(
                 for pair in batch:
                     pool = [c for c in negatives.get(pair.code, []) if c not in codes]
                     candidate_codes += rng.sample(pool, min(config.hard_negatives, len(pool)))
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision is TrainPrecision.BF16):
                     anchors = encoder.forward([p.anchor for p in batch], TextKind.QUERY)
                     candidates = encoder.forward([label[c] for c in candidate_codes], TextKind.PASSAGE)
                 loss = _ranking_loss(anchors.float(), candidates.float(), codes, candidate_codes, config.scale)
@@ -333,7 +333,7 @@ def train(
     tail = losses[-max(1, len(losses) // 10) :]
     return {
         "steps": step,
-        "precision": resolve_precision(config.precision).value,
+        "precision": precision.value,
         "loss_first_tenth": float(np.mean(head)),
         "loss_last_tenth": float(np.mean(tail)),
     }
