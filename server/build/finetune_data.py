@@ -1,7 +1,8 @@
 """Training data for `models finetune`: (anchor text -> ROME code) pairs, and the leak check.
 
 Anchors come from the catalogue (titles, abbreviations, tasks, skills) and from the team's
-paraphrases in the four query styles (`data/rome_paraphrases.jsonl`, written for training only).
+paraphrases in the four query styles (`matching/data/rome_paraphrases.jsonl`, written by the team
+from the catalogue; the matcher also indexes them as example entries).
 The dev set's queries must never be trained on: any anchor that is a near-duplicate of one is
 dropped, and `benchmarks/eval_rome.py` re-checks the training texts against the held-out part.
 """
@@ -18,10 +19,10 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from ..matching.catalogue import Occupation
+from ..matching.catalogue import DATA_DIR, EXAMPLES, Occupation
 from ..skills.lexical import fold
 
-PARAPHRASES = Path(__file__).parent / "data" / "rome_paraphrases.jsonl"
+PARAPHRASES = DATA_DIR / EXAMPLES
 STYLES = ("seeker", "offer", "cv", "keywords")
 NGRAM = 3
 # Two texts are near-duplicates when the Jaccard similarity of their character 3-gram sets

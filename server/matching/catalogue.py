@@ -1,6 +1,7 @@
 """The ROME 4.0 catalogue shipped in `data/`: official labels and NAF sectors
-(France Travail open data, see data/PROVENANCE.md) plus the enrichment the
-team wrote (titles by gender, common titles, abbreviations, tasks, skills).
+(France Travail open data, see data/PROVENANCE.md) plus what the team wrote: the
+enrichment (titles by gender, common titles, abbreviations, tasks, skills) and
+example queries in the four styles users write (seeker, offer, CV, keywords).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 DATA_DIR = Path(__file__).parent / "data"
 REFERENTIAL = "rome4_by_naf_sector.json"
 ENRICHED = "rome4_enriched.jsonl"
+EXAMPLES = "rome_paraphrases.jsonl"
 
 
 @dataclass(frozen=True)
@@ -26,11 +28,12 @@ class Occupation:
     tasks: tuple[str, ...] = ()
     skills: tuple[str, ...] = ()
     sectors: tuple[str, ...] = ()
+    examples: tuple[str, ...] = ()  # how users describe this occupation, in their own words
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One searchable line of an occupation: its label, one of its titles, or its tasks."""
+    """One searchable line of an occupation: its label, one of its titles, its tasks, or an example query."""
 
     id: str
     text: str
@@ -40,7 +43,7 @@ class Entry:
 
 
 def catalogue_files(data_dir: Path = DATA_DIR) -> list[Path]:
-    return [data_dir / REFERENTIAL, data_dir / ENRICHED]
+    return [data_dir / REFERENTIAL, data_dir / ENRICHED, data_dir / EXAMPLES]
 
 
 def catalogue_version(data_dir: Path = DATA_DIR) -> str:
@@ -66,6 +69,7 @@ def load_catalogue(data_dir: Path = DATA_DIR) -> list[Occupation]:
             if line.strip():
                 record = json.loads(line)
                 enriched[record["code"]] = record
+    examples = load_examples(data_dir / EXAMPLES)
     occupations = []
     for code in sorted(labels):
         extra = enriched.get(code, {})
@@ -80,13 +84,29 @@ def load_catalogue(data_dir: Path = DATA_DIR) -> list[Occupation]:
                 tasks=tuple(extra.get("tasks", ())),
                 skills=tuple(extra.get("skills", ())),
                 sectors=tuple(dict.fromkeys(sectors[code])),
+                examples=tuple(examples.get(code, ())),
             )
         )
     return occupations
 
 
+def load_examples(path: Path) -> dict[str, list[str]]:
+    """The example queries by code, in file order, duplicates dropped; none where the file is absent."""
+    examples: dict[str, list[str]] = {}
+    if not path.is_file():
+        return examples
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            texts = examples.setdefault(record["code"], [])
+            if record["text"] not in texts:
+                texts.append(record["text"])
+    return examples
+
+
 def entries(occupation: Occupation) -> list[Entry]:
-    """Several short entries per occupation: a short query matches a title better than a long blurb."""
+    """Several short entries per occupation: a short query matches a title better than a long blurb,
+    and a query written like one of the occupation's examples best matches that example."""
     code = occupation.code
     abbreviations = " ".join(occupation.abbreviations)
     out = [Entry(f"{code}:label", occupation.label, f"{occupation.label} {abbreviations}".strip(), code, "label")]
@@ -100,4 +120,6 @@ def entries(occupation: Occupation) -> list[Entry]:
         head = occupation.masculine[0] if occupation.masculine else occupation.label
         text = f"{head} : {' ; '.join(occupation.tasks)}. Compétences : {', '.join(occupation.skills)}."
         out.append(Entry(f"{code}:tasks", text, text, code, "tasks"))
+    for number, example in enumerate(occupation.examples):
+        out.append(Entry(f"{code}:example:{number}", example, example, code, "example"))
     return out

@@ -27,6 +27,7 @@ class EntryKind(str, Enum):
     LABEL = "label"
     TITLE = "title"
     TASKS = "tasks"
+    EXAMPLE = "example"
 
 
 KINDS = tuple(EntryKind)
@@ -81,20 +82,66 @@ class Candidates:
     lexical: np.ndarray  # [codes], bm25 / best bm25 of the query, in [0, 1]
 
 
+@dataclass(frozen=True)
+class _Stacked:
+    """Queries' candidates padded to one array, so a fusion scores every query in one numpy pass."""
+
+    dense: np.ndarray  # [queries, codes, kinds]; -inf in padding
+    lexical: np.ndarray  # [queries, codes]
+    target: np.ndarray  # [queries]: the expected code's column, -1 where it was not retrieved
+    missing_rank: np.ndarray  # [queries]: the rank a query whose code was not retrieved counts
+
+    @classmethod
+    def of(
+        cls,
+        candidates: Sequence[Candidates],
+        expected: Sequence[str],
+        grid: tuple[Sequence[float], Sequence[float]] | None = None,
+    ) -> _Stacked:
+        """With `grid` (lexical weights, bonuses), only the codes that can outscore the expected one
+        under some fusion of the grid are kept: the others are behind it whatever the fit picks."""
+        kept = [_contenders(cand, code, grid) for cand, code in zip(candidates, expected)]
+        width = max((len(columns) for columns in kept), default=0) or 1
+        dense = np.full((len(candidates), width, len(KINDS)), -np.inf)
+        lexical = np.zeros((len(candidates), width))
+        target = np.full(len(candidates), -1, dtype=np.int64)
+        for row, (cand, code, columns) in enumerate(zip(candidates, expected, kept)):
+            dense[row, : len(columns)] = cand.dense[columns]
+            lexical[row, : len(columns)] = cand.lexical[columns]
+            if code in cand.codes:
+                target[row] = columns.index(cand.codes.index(code))
+        missing = np.array([max(len(c.codes), 10) for c in candidates], dtype=np.int64)
+        return cls(dense, lexical, target, missing)
+
+    def ranks(self, fusion: Fusion) -> np.ndarray:
+        """Rank (0 = top) of the expected code for each query; `missing_rank` when it was not retrieved."""
+        return self.ranks_for_bonuses(fusion.lexical_weight, np.asarray([fusion.bonus]))[0]
+
+    def ranks_for_bonuses(self, lexical_weight: float, bonuses: np.ndarray) -> np.ndarray:
+        """[len(bonuses), queries]: the ranks under each row of bonuses at one lexical weight."""
+        scores = (self.dense[None] + bonuses[:, None, None, :]).max(axis=3) + lexical_weight * self.lexical[None]
+        rows = np.arange(len(self.target))
+        own = scores[:, rows, np.maximum(self.target, 0)][:, :, None]
+        columns = np.arange(scores.shape[2])[None, None, :]
+        # equal scores: the lower code (an earlier column, codes are sorted) wins
+        ahead = (scores > own) | ((scores == own) & (columns < self.target[None, :, None]))
+        return np.where(self.target >= 0, ahead.sum(axis=2), self.missing_rank)
+
+
+def _contenders(cand: Candidates, code: str, grid: tuple[Sequence[float], Sequence[float]] | None) -> list[int]:
+    """The columns of `cand` to keep, in order (the expected code's among them)."""
+    if grid is None or code not in cand.codes:
+        return list(range(len(cand.codes)))
+    weights, bonuses = grid
+    target = cand.codes.index(code)
+    lowest_bonus = np.array([0.0] + [min(bonuses)] * (len(KINDS) - 1))  # the label's bonus is fixed at 0
+    floor = (cand.dense[target] + lowest_bonus).max() + min(weights) * cand.lexical[target]
+    ceiling = cand.dense.max(axis=1) + max(0.0, max(bonuses)) + max(weights) * cand.lexical
+    return [column for column in range(len(cand.codes)) if column == target or ceiling[column] >= floor]
+
+
 def _ranks(candidates: Sequence[Candidates], expected: Sequence[str], fusion: Fusion) -> np.ndarray:
-    """Rank (0 = top) of the expected code for each query; len(codes) when it was not retrieved."""
-    bonus = np.asarray(fusion.bonus)
-    ranks = np.empty(len(candidates), dtype=np.int64)
-    for i, (cand, code) in enumerate(zip(candidates, expected)):
-        if code not in cand.codes:
-            ranks[i] = max(len(cand.codes), 10)
-            continue
-        scores = (cand.dense + bonus).max(axis=1) + fusion.lexical_weight * cand.lexical
-        target = cand.codes.index(code)
-        ahead = scores > scores[target]
-        ahead[:target] |= scores[:target] == scores[target]  # equal scores: the lower code wins
-        ranks[i] = int(ahead.sum())
-    return ranks
+    return _Stacked.of(candidates, expected).ranks(fusion)
 
 
 def evaluate(candidates: Sequence[Candidates], expected: Sequence[str], fusion: Fusion) -> dict[str, float]:
@@ -102,11 +149,14 @@ def evaluate(candidates: Sequence[Candidates], expected: Sequence[str], fusion: 
 
 
 def _metrics(ranks: np.ndarray) -> dict[str, float]:
-    return {
-        "top1": float(np.mean(ranks == 0)),
-        "top5": float(np.mean(ranks < 5)),
-        "mrr": float(np.mean(np.where(ranks < 10, 1.0 / (ranks + 1), 0.0))),
-    }
+    top1, top5, mrr = _metric_rows(ranks[None])
+    return {"top1": float(top1[0]), "top5": float(top5[0]), "mrr": float(mrr[0])}
+
+
+def _metric_rows(ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-1, top-5 and MRR@10 of each row of ranks ([fusions, queries])."""
+    reciprocal = np.where(ranks < 10, 1.0 / (ranks + 1), 0.0)
+    return (ranks == 0).mean(axis=1), (ranks < 5).mean(axis=1), reciprocal.mean(axis=1)
 
 
 LEXICAL_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0 .. 1
@@ -119,18 +169,24 @@ def fit(
     lexical_grid: Sequence[float] = LEXICAL_GRID,
     bonus_grid: Sequence[float] = BONUS_GRID,
 ) -> tuple[Fusion, dict[str, float]]:
-    """Grid search: the best top-1, then MRR; among equals the one closest to the hand-set default."""
+    """Grid search: the best top-1, then MRR; among equals the one closest to the hand-set default.
+
+    Every kind but the label gets a bonus from `bonus_grid` (the label is the reference, at 0)."""
     if not candidates:
         raise ValueError("cannot fit a fusion on no queries")
-    best: tuple[tuple[float, float, float], Fusion, dict[str, float]] | None = None
+    bonuses = np.array([(0.0, *combo) for combo in itertools.product(bonus_grid, repeat=len(KINDS) - 1)])
+    bonus_distance = np.abs(bonuses).sum(axis=1)
     default = Fusion()
-    for weight, title, tasks in itertools.product(lexical_grid, bonus_grid, bonus_grid):
-        fusion = Fusion(weight, (0.0, title, tasks))
-        metrics = evaluate(candidates, expected, fusion)
-        distance = abs(weight - default.lexical_weight) + abs(title) + abs(tasks)
-        key = (metrics["top1"], metrics["mrr"], -distance)
+    best: tuple[tuple[float, float, float], Fusion, dict[str, float]] | None = None
+    for weight in lexical_grid:
+        stacked = _Stacked.of(candidates, expected, ((weight,), bonus_grid))
+        top1, top5, mrr = _metric_rows(stacked.ranks_for_bonuses(weight, bonuses))
+        distance = abs(weight - default.lexical_weight) + bonus_distance
+        row = int(np.lexsort((distance, -mrr, -top1))[0])  # the best row; the first of equal ones
+        key = (float(top1[row]), float(mrr[row]), -float(distance[row]))
         if best is None or key > best[0]:
-            best = (key, fusion, metrics)
+            metrics = {"top1": float(top1[row]), "top5": float(top5[row]), "mrr": float(mrr[row])}
+            best = (key, Fusion(weight, tuple(float(b) for b in bonuses[row])), metrics)
     assert best is not None
     return best[1], best[2]
 

@@ -66,14 +66,16 @@ class OccupationMatcher:
     def collection(self) -> CollectionLike:
         return self._collection()
 
-    def _evidence(self, collection: CollectionLike, text: str, vector: np.ndarray) -> dict[str, _Evidence]:
+    def _evidence(
+        self, collection: CollectionLike, text: str, vector: np.ndarray, without: frozenset[str] = frozenset()
+    ) -> dict[str, _Evidence]:
         result = collection.search(
             SearchQuery(vector=vector, k=OCCUPATION_POOL, text=text, hybrid=True, candidates=OCCUPATION_POOL)
         )
         found: dict[str, _Evidence] = {}
         for hit in result.hits:
             code = hit.document.metadata.get("code", "")
-            if code not in self.occupations:
+            if code not in self.occupations or hit.document.id in without:
                 continue
             evidence = found.setdefault(code, _Evidence([float("-inf")] * len(KINDS)))
             kind = _KIND_COLUMN.get(hit.document.metadata.get("entry", ""), 0)
@@ -83,9 +85,10 @@ class OccupationMatcher:
             evidence.lexical = max(evidence.lexical, hit.lexical_score)
         return found
 
-    def candidates(self, text: str, vector: np.ndarray) -> Candidates:
-        """The evidence `match` scores, as arrays: what `fusion.fit` learns from."""
-        found = self._evidence(self.collection, text, vector)
+    def candidates(self, text: str, vector: np.ndarray, without: frozenset[str] = frozenset()) -> Candidates:
+        """The evidence `match` scores, as arrays: what `fusion.fit` learns from. `without`: entry ids
+        to leave out, as if not indexed (the evaluation's test that no few entries carry a query)."""
+        found = self._evidence(self.collection, text, vector, without)
         top_lexical = max((e.lexical for e in found.values()), default=0.0) or 1.0
         codes = tuple(sorted(found))
         dense = np.array([found[c].dense_by_kind for c in codes], dtype=np.float64).reshape(len(codes), len(KINDS))

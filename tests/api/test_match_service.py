@@ -64,13 +64,16 @@ def test_common_titles_rank_first(match, text, code):
     assert response.matches[0].code == code, [(m.code, m.label) for m in response.matches]
 
 
-def test_a_title_and_its_chef_variant_stay_together_on_top(match):
-    """'Cariste' (N1101) and 'Chef cariste' (N1112) share the word twice in the latter's label: on the
-    int8 graph of pipeline 3 they tie within 0.002 (0.9344 vs 0.9333), so either may come first;
-    the title's own code must be in the top two and within 0.01 of the first."""
+def test_a_title_and_its_neighbours_stay_together_on_top(match):
+    """'Cariste' (N1101), 'Chef cariste' (N1112) and the CACES trainer (K2124, whose example queries
+    name the same licences: "formateur caces r489 r486 cariste nacelle") come within 0.05 of each
+    other, in an order that the model decides (the bundled model puts the trainer first by 0.009,
+    the fine-tuned e5-small-rome the cariste). The title's own code must be in the top two and
+    within 0.01 of the first, and no other trade may come between these three."""
     response = match.MatchOccupation(mpb.MatchOccupationRequest(text="cariste CACES R489", k=3), timeout=30)
     ranked = [(m.code, m.score) for m in response.matches]
-    assert {"N1101", "N1112"} == {code for code, _ in ranked[:2]}, ranked
+    assert "N1101" in {code for code, _ in ranked[:2]}, ranked
+    assert {code for code, _ in ranked} == {"N1101", "N1112", "K2124"}, ranked
     assert dict(ranked)["N1101"] >= ranked[0][1] - 0.01, ranked
 
 
