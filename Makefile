@@ -50,14 +50,16 @@ model: install
 FINETUNED ?= e5-small-rome
 finetune: model
 	$(BIN)/openemploi models finetune $(MODEL) --name $(FINETUNED) --force $(ARGS)
-	$(BIN)/python benchmarks/eval_rome.py --models $(MODEL),$(FINETUNED) --fit-fusion
+	$(BIN)/python benchmarks/eval_rome.py --models $(MODEL),$(FINETUNED) --fit-fusion --promote $(FINETUNED)
 
+# var/promoted.toml: written by `make finetune` when the fine-tuned model wins on the held-out part.
+PROMOTED := $(wildcard var/promoted.toml)
 serve: model
-	$(BIN)/openemploi serve $(ARGS)
+	$(BIN)/openemploi serve $(if $(PROMOTED),--config $(PROMOTED)) $(ARGS)
 
 # The same services through Ray Serve: a local single-node Ray unless ARGS has --ray-address.
 serve-ray: model
-	$(BIN)/openemploi serve --ray $(ARGS)
+	$(BIN)/openemploi serve --ray $(if $(PROMOTED),--config $(PROMOTED)) $(ARGS)
 
 # `python -P`: the repo root stays off sys.path, so its top-level folders (kernels/, server/) never
 # shadow an installed distribution of the same name; tests import only the installed `openemploi`.

@@ -10,7 +10,13 @@ precision exactly as the server builds it, in benchmarks/.cache/ (reused while t
 and the model version are unchanged).
 
     .venv/bin/python benchmarks/eval_rome.py [--models multilingual-e5-small,e5-small-rome]
-        [--precisions int8] [--fit-fusion] [--out PATH]
+        [--precisions int8] [--fit-fusion] [--promote e5-small-rome] [--out PATH]
+
+Promotion (`--promote NAME`, which `make finetune` passes): a fine-tuned model becomes the
+server's default only if it beats its base model on the held-out part (hybrid, int8: top-1, then
+top-5, then MRR). The decision is written to var/promoted.toml (`default_model`, `models`), which
+`make serve` passes as `--config`; a model that does not win is not promoted, and a promotion of
+it from an earlier run is withdrawn.
 
 Leak checks: the team's example queries that the `rome` collection indexes (`example` entries,
 the same texts fine-tuning trains on) are checked against the held-out queries for every model
@@ -38,6 +44,8 @@ import json
 import platform
 import socket
 import time
+import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 from openemploi.backends.options import BackendConfig
@@ -55,6 +63,7 @@ from openemploi.runtime.repository import ModelRepository
 from openemploi.tokenize import TextKind
 
 REPO = Path(__file__).resolve().parents[1]
+PROMOTED = REPO / "var" / "promoted.toml"
 DEV_SET = REPO / "benchmarks" / "data" / "rome_dev.jsonl"
 PARTS = ("tune", "heldout")
 STYLES = ("seeker", "offer", "cv", "keywords")
@@ -68,8 +77,8 @@ def scores_for(ranked: list[list[str]], expected: list[str]) -> dict[str, float]
     return {"top1": round(top1, 4), "top5": round(top5, 4), "mrr": round(mrr, 4)}
 
 
-CV_FOLDS = 5
-CLOSE_EXAMPLE_JACCARD = 0.3  # the stress test's cut: examples this close to a held-out query are left out  # --fit-fusion also cross-validates the fit within the tuning part
+CV_FOLDS = 5  # --fit-fusion also cross-validates the fit within the tuning part
+CLOSE_EXAMPLE_JACCARD = 0.3  # the stress test's cut: examples this close to a held-out query are left out
 
 
 def _rounded(metrics: dict[str, float]) -> dict[str, float]:
@@ -99,6 +108,16 @@ def leak_check(repo: ModelRepository, model: str, dev: list[dict]) -> dict | Non
     }
 
 
+def by_style_scores(candidates: list, expected: list[str], styles: list[str], fusion: Fusion) -> dict[str, dict[str, float]]:
+    def of(style: str) -> list[int]:
+        return [i for i, s in enumerate(styles) if s == style]
+
+    return {
+        style: _rounded(fusion_fit.evaluate([candidates[i] for i in of(style)], [expected[i] for i in of(style)], fusion))
+        for style in STYLES
+    }
+
+
 def index_leak_check(occupations: list, dev: list[dict]) -> dict:
     """What the example queries the `rome` collection indexes share with the held-out part."""
     heldout = [d["query"] for d in dev if d["split"] == "heldout"]
@@ -124,16 +143,7 @@ def without_close_examples(matcher, occupations: list, dev: list[dict], queries,
         )
     candidates = [matcher.candidates(queries[i], vectors[i], without) for i, without in zip(rows, left_out)]
     expected = [dev[i]["code"] for i in rows]
-    by_style = {
-        style: _rounded(
-            fusion_fit.evaluate(
-                [c for c, i in zip(candidates, rows) if dev[i]["style"] == style],
-                [e for e, i in zip(expected, rows) if dev[i]["style"] == style],
-                fusion,
-            )
-        )
-        for style in STYLES
-    }
+    by_style = by_style_scores(candidates, expected, [dev[i]["style"] for i in rows], fusion)
     return {
         "jaccard_3gram": CLOSE_EXAMPLE_JACCARD,
         "examples_left_out_per_query": round(sum(map(len, left_out)) / len(rows), 2),
@@ -187,16 +197,9 @@ async def evaluate(model_name: str, precision: str, dev: list[dict], fit: bool) 
             part_report[mode] = scores_for([ranked[mode][i] for i in rows], [expected[i] for i in rows])
         for mode, fusion in fusions.items():
             part_report[mode] = _rounded(fusion_fit.evaluate([candidates[i] for i in rows], [expected[i] for i in rows], fusion))
-        part_report["hybrid_by_style"] = {
-            style: _rounded(
-                fusion_fit.evaluate(
-                    [candidates[i] for i in rows if dev[i]["style"] == style],
-                    [expected[i] for i in rows if dev[i]["style"] == style],
-                    fusions["hybrid"],
-                )
-            )
-            for style in STYLES
-        }
+        part_report["hybrid_by_style"] = by_style_scores(
+            [candidates[i] for i in rows], [expected[i] for i in rows], [dev[i]["style"] for i in rows], fusions["hybrid"]
+        )
         report[part] = part_report
     report["heldout_without_close_examples"] = without_close_examples(
         matcher, occupations, dev, queries, vectors, fusions["hybrid"]
@@ -220,6 +223,46 @@ def write_fusion(runs: list[dict]) -> None:
                 fitted_on={"split": "tune", "precision": run["precision"], "version": run["version"], "tune": run["fit"]["tune"]},
             )
     FUSION_FILE.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Promotion:
+    model: str
+    base: str
+    promoted: bool
+    reason: str
+
+
+def promotion(runs: list[dict], model: str, base: str) -> Promotion:
+    """Does `model` beat `base` on the held-out part (hybrid, int8; top-1, then top-5, then MRR)?"""
+    by_name = {run["model"]: run for run in runs if run["precision"] == "int8"}
+    missing = [name for name in (model, base) if name not in by_name]
+    if missing:
+        return Promotion(model, base, False, f"no int8 run of {', '.join(missing)}: evaluate both with --models {base},{model}")
+    scores = {name: by_name[name]["heldout"]["hybrid"] for name in (model, base)}
+    keys = {name: (s["top1"], s["top5"], s["mrr"]) for name, s in scores.items()}
+    shown = {name: "top-1 {:.3f}, top-5 {:.3f}, MRR {:.3f}".format(*key) for name, key in keys.items()}
+    verdict = "beats" if keys[model] > keys[base] else "does not beat"
+    return Promotion(
+        model, base, keys[model] > keys[base], f"{model} ({shown[model]}) {verdict} {base} ({shown[base]}) on the held-out part"
+    )
+
+
+def write_promotion(decision: Promotion, versions: dict[str, str], path: Path = PROMOTED) -> None:
+    """Promote: write the server config that makes the model the default. Otherwise withdraw an
+    earlier promotion of the same model (another model's stays)."""
+    if not decision.promoted:
+        if path.is_file() and tomllib.loads(path.read_text(encoding="utf-8")).get("default_model") == decision.model:
+            path.unlink()
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"# Written by benchmarks/eval_rome.py --promote on {dt.date.today()}: {decision.reason}.\n"
+        f"# {decision.model} version {versions.get(decision.model, '?')}. `make serve` reads this file; delete it to go back.\n"
+        f"default_model = {json.dumps(decision.model)}\n"
+        f"models = [{json.dumps(decision.model)}, {json.dumps(decision.base)}]\n",
+        encoding="utf-8",
+    )
 
 
 def print_report(runs: list[dict]) -> bool:
@@ -281,8 +324,11 @@ def main() -> int:
     parser.add_argument("--models", default="multilingual-e5-small", help="comma-separated models of models/")
     parser.add_argument("--precisions", default="int8")
     parser.add_argument("--fit-fusion", action="store_true", help="fit each model's fusion on the tuning part, store it")
+    parser.add_argument("--promote", metavar="MODEL", help="make this fine-tuned model the default if it beats its base")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.promote and args.promote not in args.models.split(","):
+        parser.error(f"--promote {args.promote}: add it to --models")
     dev = load_queries(DEV_SET)
     runs = [
         asyncio.run(evaluate(model, precision, dev, args.fit_fusion))
@@ -303,6 +349,20 @@ def main() -> int:
         "runs": runs,
         "target_passed": passed,
     }
+    if args.promote:
+        record = ModelRepository(REPO / "models").latest(args.promote).manifest.get("finetune")
+        if record is None:
+            parser.error(f"--promote {args.promote}: not a fine-tuned model (its manifest has no finetune record)")
+        decision = promotion(runs, args.promote, record["base"]["name"])
+        write_promotion(decision, {run["model"]: run["version"] for run in runs})
+        payload["promotion"] = {
+            "model": decision.model,
+            "base": decision.base,
+            "promoted": decision.promoted,
+            "reason": decision.reason,
+        }
+        where = PROMOTED.relative_to(REPO)
+        print(f"promotion: {decision.reason}: " + (f"default model now (wrote {where})" if decision.promoted else "not promoted"))
     out.write_text(json.dumps(payload, indent=1, ensure_ascii=False))
     print(f"wrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
     return 0
