@@ -117,7 +117,10 @@ def test_the_image_serves_on_every_interface_on_the_documented_ports():
     ports = {config.port, config.metrics_port, int(env["OPENEMPLOI_HTTP_PORT"])}
     assert {int(port) for port in " ".join(instruction(runtime, "EXPOSE")).split()} == ports == {50051, 8080, 9100}
     assert instruction(runtime, "CMD") == ['[".venv/bin/openemploi", "serve"]']
-    assert recipe("serve") == [".venv/bin/openemploi serve $(ARGS)"]
+    # make serve adds a promoted fine-tuned model's config (var/promoted.toml), which the image,
+    # built without var/ and without a fine-tuning run, never has
+    assert recipe("serve") == [".venv/bin/openemploi serve $(if $(PROMOTED),--config $(PROMOTED)) $(ARGS)"]
+    assert "var" in (REPO_ROOT / ".dockerignore").read_text().splitlines()
     (healthcheck,) = instruction(runtime, "HEALTHCHECK")
     assert f'"health", "--address", "127.0.0.1:{config.port}"' in healthcheck
 
