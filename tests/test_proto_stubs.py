@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
+
+from openemploi.testing.scripts import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROTO_DIR = REPO_ROOT / "proto"
@@ -14,14 +15,7 @@ STUB_DIR = PROTO_DIR / "openemploi" / "v1"
 STUB_SUFFIXES = ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")
 
 
-def _load_generate():
-    spec = importlib.util.spec_from_file_location("openemploi_proto_generate", PROTO_DIR / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-generate_mod = _load_generate()
+generate_mod = load_script(PROTO_DIR / "generate.py", "openemploi_proto_generate")
 
 
 def committed_stubs() -> list[Path]:

@@ -3,25 +3,15 @@ it beats its base model on the held-out part, and the server reads the decision 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 from openemploi.config import load_config
+from openemploi.testing.scripts import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "eval_rome.py"
 
 
-def load_script():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("eval_rome", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("eval_rome", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-ev = load_script()
+ev = load_script(SCRIPT, "eval_rome")
 
 
 def run(model: str, top1: float, top5: float, mrr: float, precision: str = "int8") -> dict:

@@ -4,8 +4,6 @@ metrics and the anchor's method give the values worked out by hand."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -13,20 +11,12 @@ import numpy as np
 import pytest
 
 from openemploi.matching.catalogue import load_catalogue
+from openemploi.testing.scripts import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "eval_skills.py"
 
 
-def load_script():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("eval_skills", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("eval_skills", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-ev = load_script()
+ev = load_script(SCRIPT, "eval_skills")
 
 
 @pytest.fixture(scope="module")
