@@ -51,7 +51,7 @@ from pathlib import Path
 from openemploi.backends.options import BackendConfig
 from openemploi.batching import BatcherConfig
 from openemploi.build.finetune import FinetuneConfig, FinetuneOptions, training_pairs
-from openemploi.build.finetune_data import NEAR_DUPLICATE_JACCARD, NearDuplicateIndex, load_queries, ngrams
+from openemploi.build.finetune_data import NEAR_DUPLICATE_JACCARD, NearDuplicateIndex, load_queries
 from openemploi.index.collection import CollectionManager
 from openemploi.matching import fusion as fusion_fit
 from openemploi.matching.bootstrap import ensure_rome_collection
@@ -133,14 +133,12 @@ def index_leak_check(occupations: list, dev: list[dict]) -> dict:
 
 def without_close_examples(matcher, occupations: list, dev: list[dict], queries, vectors, fusion: Fusion) -> dict:
     """Held-out scores with each query's close example entries (Jaccard >= CLOSE_EXAMPLE_JACCARD) left out."""
-    examples = [(e.id, ngrams(e.text)) for o in occupations for e in entries(o) if e.kind == EntryKind.EXAMPLE.value]
+    ids_by_text: dict[str, list[str]] = {}
+    for e in (e for o in occupations for e in entries(o) if e.kind == EntryKind.EXAMPLE.value):
+        ids_by_text.setdefault(e.text, []).append(e.id)
+    close = NearDuplicateIndex(list(ids_by_text), threshold=CLOSE_EXAMPLE_JACCARD)
     rows = [i for i, d in enumerate(dev) if d["split"] == "heldout"]
-    left_out = []
-    for i in rows:
-        grams = ngrams(queries[i])
-        left_out.append(
-            frozenset(id_ for id_, other in examples if len(grams & other) >= CLOSE_EXAMPLE_JACCARD * len(grams | other))
-        )
+    left_out = [frozenset(id_ for d in close.near(queries[i]) for id_ in ids_by_text[d.query]) for i in rows]
     candidates = [matcher.candidates(queries[i], vectors[i], without) for i, without in zip(rows, left_out)]
     expected = [dev[i]["code"] for i in rows]
     by_style = by_style_scores(candidates, expected, [dev[i]["style"] for i in rows], fusion)

@@ -183,15 +183,21 @@ class NearDuplicateIndex:
             for gram in grams:
                 self._postings[gram].append(index)
 
-    def closest(self, text: str) -> NearDuplicate | None:
+    def _similar(self, text: str) -> list[NearDuplicate]:
+        """Every query sharing a 3-gram with `text`, with its Jaccard similarity, in query order."""
         grams = ngrams(text)
         shared = Counter(i for gram in grams for i in self._postings.get(gram, ()))
-        best: NearDuplicate | None = None
-        for index, common in shared.items():
-            similarity = common / (len(grams) + len(self._grams[index]) - common)
-            if best is None or similarity > best.similarity:
-                best = NearDuplicate(text, self.queries[index], similarity)
-        return best
+        return [
+            NearDuplicate(text, self.queries[i], common / (len(grams) + len(self._grams[i]) - common))
+            for i, common in sorted(shared.items())
+        ]
+
+    def closest(self, text: str) -> NearDuplicate | None:
+        return max(self._similar(text), key=lambda d: d.similarity, default=None)
+
+    def near(self, text: str) -> list[NearDuplicate]:
+        """Every query at least `threshold` similar to `text`."""
+        return [d for d in self._similar(text) if d.similarity >= self.threshold]
 
     def duplicates(self, texts: Iterable[str]) -> list[NearDuplicate]:
         found = []

@@ -96,11 +96,12 @@ class _Stacked:
         cls,
         candidates: Sequence[Candidates],
         expected: Sequence[str],
-        grid: tuple[Sequence[float], Sequence[float]] | None = None,
+        prune: tuple[float, Sequence[float]] | None = None,
     ) -> _Stacked:
-        """With `grid` (lexical weights, bonuses), only the codes that can outscore the expected one
-        under some fusion of the grid are kept: the others are behind it whatever the fit picks."""
-        kept = [_contenders(cand, code, grid) for cand, code in zip(candidates, expected)]
+        """With `prune` (a lexical weight, the bonus grid), only the codes that can outscore the
+        expected one at that weight under some bonuses of the grid are kept: the others are behind
+        it whatever bonuses the fit picks."""
+        kept = [_contenders(cand, code, prune) for cand, code in zip(candidates, expected)]
         width = max((len(columns) for columns in kept), default=0) or 1
         dense = np.full((len(candidates), width, len(KINDS)), -np.inf)
         lexical = np.zeros((len(candidates), width))
@@ -128,15 +129,15 @@ class _Stacked:
         return np.where(self.target >= 0, ahead.sum(axis=2), self.missing_rank)
 
 
-def _contenders(cand: Candidates, code: str, grid: tuple[Sequence[float], Sequence[float]] | None) -> list[int]:
+def _contenders(cand: Candidates, code: str, prune: tuple[float, Sequence[float]] | None) -> list[int]:
     """The columns of `cand` to keep, in order (the expected code's among them)."""
-    if grid is None or code not in cand.codes:
+    if prune is None or code not in cand.codes:
         return list(range(len(cand.codes)))
-    weights, bonuses = grid
+    weight, bonuses = prune
     target = cand.codes.index(code)
     lowest_bonus = np.array([0.0] + [min(bonuses)] * (len(KINDS) - 1))  # the label's bonus is fixed at 0
-    floor = (cand.dense[target] + lowest_bonus).max() + min(weights) * cand.lexical[target]
-    ceiling = cand.dense.max(axis=1) + max(0.0, max(bonuses)) + max(weights) * cand.lexical
+    floor = (cand.dense[target] + lowest_bonus).max() + weight * cand.lexical[target]
+    ceiling = cand.dense.max(axis=1) + max(0.0, max(bonuses)) + weight * cand.lexical
     return [column for column in range(len(cand.codes)) if column == target or ceiling[column] >= floor]
 
 
@@ -179,7 +180,7 @@ def fit(
     default = Fusion()
     best: tuple[tuple[float, float, float], Fusion, dict[str, float]] | None = None
     for weight in lexical_grid:
-        stacked = _Stacked.of(candidates, expected, ((weight,), bonus_grid))
+        stacked = _Stacked.of(candidates, expected, (weight, bonus_grid))
         top1, top5, mrr = _metric_rows(stacked.ranks_for_bonuses(weight, bonuses))
         distance = abs(weight - default.lexical_weight) + bonus_distance
         row = int(np.lexsort((distance, -mrr, -top1))[0])  # the best row; the first of equal ones

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
+
 from openemploi.build.finetune_data import (
     NEAR_DUPLICATE_JACCARD,
     STYLES,
@@ -109,6 +111,16 @@ def test_near_duplicates_are_reworded_copies_not_texts_about_the_same_trade():
     assert jaccard(query, "je fais le pain et les croissants de nuit en boulangerie") >= NEAR_DUPLICATE_JACCARD
     assert jaccard(query, "boulanger : pétrir la pâte, façonner et cuire les baguettes") < NEAR_DUPLICATE_JACCARD
     assert jaccard("aide-soignante EHPAD", "aide soignante ehpad") == 1.0
+
+
+def test_the_index_finds_every_query_above_its_threshold_and_the_closest_one():
+    queries = ["chauffeur poids lourd permis C", "chauffeur poids lourd", "boulanger de nuit"]
+    index = NearDuplicateIndex(queries, threshold=0.3)
+    text = "chauffeur poids lourd permis C et EC"
+    assert {d.query for d in index.near(text)} == set(queries[:2])
+    assert all(d.similarity == pytest.approx(jaccard(text, d.query)) for d in index.near(text))
+    assert index.closest(text).query == queries[0]
+    assert index.near("pâtissier") == [] and index.closest("xyz") is None
 
 
 def test_without_near_duplicates_drops_every_pair_close_to_a_query():
